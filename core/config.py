@@ -1,0 +1,107 @@
+"""Session settings: one frozen, self-validating dataclass.
+
+Every field has a one-line reason. Settings are fixed when a session is created
+(written to ``session.json``); the sampling fields may be overridden per call.
+Defaults are calibrated on the embedded model (docs/settings.md says why).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+
+from .errors import ConfigError
+
+REDUCTIONS = ("sum", "mean")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("auto", "adamw8bit", "adamw")
+ATTENTIONS = ("auto", "xformers", "sdpa")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- sampling -----------------------------------------------------------
+    steps: int = 20                 # DDIM steps per image (every one is a kept step)
+    guidance: float = 5.0           # classifier-free guidance scale (1 = off)
+    eta: float = 1.0                # DDIM stochasticity; D3PO needs eta > 0 to have log-probs
+    height: int | None = None       # image height in px; None = the model's native size
+    width: int | None = None        # image width in px; None = the model's native size
+    # --- the D3PO update ----------------------------------------------------
+    beta: float = 0.1               # inverse temperature of the preference loss
+    lr: float = 3e-3                # learning rate of the LoRA optimizer
+    reduction: str = "sum"          # log-prob over latent elements: "sum" (default) or "mean" (official)
+    train_fraction: float = 1.0     # share of the kept steps trained per update (1 = all)
+    ratio_clip: float | None = None  # official clamp of exp(log pi - log ref) to [1-c, 1+c]; None = off
+    guidance_in_update: bool = True  # recompute log-probs with the guidance used when sampling
+    weight_decay: float = 1e-4      # AdamW weight decay
+    grad_clip: float = 1.0          # max gradient norm per update (0 = no clipping)
+    # --- the LoRA -----------------------------------------------------------
+    lora_rank: int = 4              # LoRA rank r
+    lora_alpha: float = 4.0         # LoRA alpha; the update is scaled by alpha / r
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # UNet module names
+    # --- runtime choices (each "auto" choice is logged once) -----------------
+    dtype: str = "auto"             # frozen weights: auto = fp16 on CUDA/MPS, bf16 on a CPU that has it
+    device: str = "auto"            # auto = cuda, then mps, then cpu
+    optimizer: str = "auto"         # auto = bitsandbytes AdamW8bit where it runs, else torch AdamW
+    attention: str = "auto"         # auto = xformers on CUDA when importable, else torch SDPA
+    gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more time
+    seed: int = 0                   # seeds the LoRA init and the choice of trained steps
+    keep_checkpoints: int = 20      # how many past updates `undo` can go back
+
+    def __post_init__(self):
+        _check(self.steps >= 1, "steps", self.steps, "use 1 or more denoising steps")
+        _check(self.guidance >= 1.0, "guidance", self.guidance, "use 1.0 (off) or more")
+        _check(0.0 < self.eta <= 1.0, "eta", self.eta,
+               "D3PO needs a stochastic sampler: use 0 < eta <= 1 (the paper uses 1.0)")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            _check(v is None or (v >= 8 and v % 8 == 0), name, v, "use a multiple of 8, or None")
+        _check(self.beta > 0, "beta", self.beta, "use a positive number such as 0.1")
+        _check(self.lr > 0, "lr", self.lr, "use a positive learning rate such as 3e-3")
+        _check(self.reduction in REDUCTIONS, "reduction", self.reduction, f"use one of {REDUCTIONS}")
+        _check(0.0 < self.train_fraction <= 1.0, "train_fraction", self.train_fraction,
+               "use a share in (0, 1]")
+        _check(self.ratio_clip is None or 0 < self.ratio_clip < 1, "ratio_clip", self.ratio_clip,
+               "use None (off) or a number in (0, 1) such as 0.1")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "use 0 or more")
+        _check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "use 0 (off) or a positive norm")
+        _check(self.lora_rank >= 1, "lora_rank", self.lora_rank, "use a rank of 1 or more")
+        _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "use a positive alpha")
+        _check(len(self.lora_targets) > 0, "lora_targets", self.lora_targets, "name at least one module")
+        _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
+        _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"use one of {OPTIMIZERS}")
+        _check(self.attention in ATTENTIONS, "attention", self.attention, f"use one of {ATTENTIONS}")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "use 1 or more")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Settings":
+        """Build from a dict (e.g. session.json), refusing unknown keys by name."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {unknown}; valid settings are {sorted(known)}")
+        data = dict(data)
+        if "lora_targets" in data:
+            data["lora_targets"] = tuple(data["lora_targets"])
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        return d
+
+    def replace(self, **changes) -> "Settings":
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+# Settings that only change sampling, so a session may change them after its first update.
+SAMPLING_FIELDS = ("steps", "guidance", "eta", "height", "width")
+# Settings fixed once a LoRA exists (they define its shape or its optimizer).
+FIXED_AFTER_FIRST_UPDATE = ("lora_rank", "lora_alpha", "lora_targets", "optimizer", "seed")
+
+
+def _check(ok: bool, name: str, value, fix: str):
+    if not ok:
+        raise ConfigError(f"setting {name}={value!r} is invalid: {fix}")
+
+
+__all__ = ["Settings", "SAMPLING_FIELDS", "FIXED_AFTER_FIRST_UPDATE"]

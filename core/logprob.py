@@ -1,0 +1,100 @@
+"""One stochastic DDIM step that both samples and scores: the only sampler math D3PO needs.
+
+Adapted from ddpo-pytorch ``diffusers_patch/ddim_with_logprob.py`` (MIT), which follows
+diffusers' ``DDIMScheduler.step``; the scheduler is passed in and never mutated.
+
+Symbols (DDIM paper, eq. 12; diffusers names in brackets):
+    ᾱ_t      alpha_prod_t          ᾱ_{t-1}  alpha_prod_t_prev (final_alpha_cumprod past t=0)
+    ε̂        pred_epsilon          x̂_0      pred_original_sample
+    σ_t = η · sqrt((1-ᾱ_{t-1})/(1-ᾱ_t) · (1-ᾱ_t/ᾱ_{t-1}))          [std_dev_t]
+    μ_t = sqrt(ᾱ_{t-1}) · x̂_0 + sqrt(1-ᾱ_{t-1}-σ_t²) · ε̂
+    x_{t-1} ~ N(μ_t, σ_t² I)
+    log p(x_{t-1} | x_t) = Σ_i [ -(x_{t-1,i} - μ_{t,i})² / (2σ_t²) - log σ_t - log √(2π) ]
+
+The sum runs over the C·H·W latent elements ("sum" reduction); the official D3PO code takes
+the mean instead, which divides every log-ratio, and so the effective β, by C·H·W.
+Gradients flow only through μ_t (x_{t-1} is treated as data).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+REDUCTIONS = ("sum", "mean")
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def step_coefficients(scheduler, timestep: int, eta: float) -> tuple[float, float, float]:
+    """(ᾱ_t, ᾱ_{t-1}, σ_t) of the DDIM step from ``timestep`` (run ``set_timesteps`` first)."""
+    if scheduler.num_inference_steps is None:
+        raise ValueError("the scheduler has no timesteps: run scheduler.set_timesteps(steps) first")
+    t = int(timestep)
+    # 1. previous timestep t-1 on the inference grid
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    # 2. cumulative alphas
+    alpha_prod_t = float(scheduler.alphas_cumprod[t])
+    alpha_prod_t_prev = (float(scheduler.alphas_cumprod[prev_t]) if prev_t >= 0
+                         else float(scheduler.final_alpha_cumprod))
+    # 3. σ_t
+    variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+    sigma_t = eta * math.sqrt(max(variance, 0.0))
+    return alpha_prod_t, alpha_prod_t_prev, sigma_t
+
+
+def ddim_step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep: int,
+    sample: torch.Tensor,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    reduction: str = "sum",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Draw x_{t-1} (or score the given ``prev_sample``) and return ``(x_{t-1}, log p)``.
+
+    model_output: the (guided) UNet prediction for ``sample`` = x_t, shape [B, C, H, W].
+    generator:    draws the step noise on the CPU (reproducible on any device).
+    Returns log p per batch element, shape [B], in float32; ``None`` when σ_t = 0
+    (eta = 0 or a deterministic last step), where no density exists.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}: use one of {REDUCTIONS}")
+    alpha_prod_t, alpha_prod_t_prev, sigma_t = step_coefficients(scheduler, timestep, eta)
+    x_t = sample.float()
+    out = model_output.float()
+    beta_prod_t = 1 - alpha_prod_t
+
+    # 4. x̂_0 and ε̂ from the model output (DDIM eq. 12 "predicted x_0")
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        pred_x0 = (x_t - beta_prod_t ** 0.5 * out) / alpha_prod_t ** 0.5
+        pred_eps = out
+    elif kind == "v_prediction":
+        pred_x0 = alpha_prod_t ** 0.5 * x_t - beta_prod_t ** 0.5 * out
+        pred_eps = alpha_prod_t ** 0.5 * out + beta_prod_t ** 0.5 * x_t
+    elif kind == "sample":
+        pred_x0 = out
+        pred_eps = (x_t - alpha_prod_t ** 0.5 * pred_x0) / beta_prod_t ** 0.5
+    else:
+        raise ValueError(f"prediction_type {kind!r} is not supported: use epsilon, v_prediction or sample")
+
+    # 5-7. mean of x_{t-1}: "direction pointing to x_t" plus the rescaled x̂_0
+    direction = max(1 - alpha_prod_t_prev - sigma_t ** 2, 0.0) ** 0.5 * pred_eps
+    mean = alpha_prod_t_prev ** 0.5 * pred_x0 + direction
+
+    if prev_sample is None:
+        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+        prev_sample = mean + sigma_t * noise.to(mean.device)
+    prev_sample = prev_sample.detach().to(mean.device, torch.float32)
+    if sigma_t == 0.0:
+        return prev_sample, None
+    return prev_sample, gaussian_logprob(prev_sample, mean, sigma_t, reduction)
+
+
+def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, sigma: float, reduction: str = "sum"):
+    """log N(x; mean, σ² I) per batch element, summed (or averaged) over the other dims."""
+    elementwise = -((x - mean) ** 2) / (2 * sigma ** 2) - math.log(sigma) - _LOG_SQRT_2PI
+    dims = tuple(range(1, elementwise.ndim))
+    return elementwise.sum(dims) if reduction == "sum" else elementwise.mean(dims)

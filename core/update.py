@@ -1,0 +1,99 @@
+"""One D3PO update from a sampled trajectory and a set of (winner, loser) pairs.
+
+Memory-lean by construction: one timestep's graph at a time (backward per kept step,
+gradients accumulated), the reference as the same UNet with the LoRA off under no_grad,
+only LoRA parameters trainable. The caller owns the optimizer step (see ``apply_gradients``),
+so that a non-finite loss or gradient can be refused before anything changes.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .logprob import ddim_step_with_logprob, step_coefficients
+from .lora import lora_disabled
+from .loss import d3po_loss
+from .sampling import Trajectory, make_scheduler, predict_noise
+
+
+def steps_to_train(trajectory: Trajectory, scheduler, eta: float, fraction: float,
+                   generator: torch.Generator) -> list[int]:
+    """Indices of the kept steps to train: all with σ_t > 0, or a random share of them."""
+    usable = [k for k, t in enumerate(trajectory.timesteps.tolist())
+              if step_coefficients(scheduler, t, eta)[2] > 0]
+    if fraction >= 1.0 or not usable:
+        return usable
+    count = max(1, round(fraction * len(usable)))
+    order = torch.randperm(len(usable), generator=generator)[:count].sort().values
+    return [usable[i] for i in order.tolist()]
+
+
+def step_logprobs(unet, scheduler, trajectory: Trajectory, k: int, images: list[int], *,
+                  guidance: float, eta: float, reduction: str, device) -> torch.Tensor:
+    """log π(x_{t-1} | x_t) at kept step k for the given images, with the UNet as it is now."""
+    x_t = trajectory.latents[k, images].to(device, torch.float32)
+    x_prev = trajectory.latents[k + 1, images].to(device, torch.float32)
+    cond = {key: v.to(device) for key, v in trajectory.cond.items()}
+    t = int(trajectory.timesteps[k])
+    eps = predict_noise(unet, x_t, t, cond, guidance)
+    _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev, reduction=reduction)
+    return logp
+
+
+def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[int, int]], *,
+                              steps: list[int], beta: float, guidance: float, eta: float,
+                              reduction: str, ratio_clip: float | None, device,
+                              weight: float = 1.0, progress=None) -> dict[str, float]:
+    """Backward the D3PO loss of every kept step in ``steps``, one step's graph at a time.
+
+    Gradients accumulate in the LoRA parameters, scaled by ``weight / len(steps)`` so that the
+    total is ``weight`` × the loss averaged over steps and pairs. Returns averaged metrics.
+    """
+    unet = pipe.unet
+    scheduler = make_scheduler(pipe, len(trajectory.timesteps))
+    images = sorted({i for pair in pairs for i in pair})    # only images in some pair
+    slot = {img: s for s, img in enumerate(images)}
+    w = torch.tensor([slot[a] for a, _ in pairs], device=device)
+    l = torch.tensor([slot[b] for _, b in pairs], device=device)
+    totals: dict[str, float] = {}
+    kw = dict(guidance=guidance, eta=eta, reduction=reduction, device=device)
+    for i, k in enumerate(steps):
+        # 1. reference log-probs: same UNet, LoRA off, no graph
+        with torch.no_grad(), lora_disabled(unet):
+            ref = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
+        # 2. policy log-probs with the graph of this step only
+        logp = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
+        # 3. loss of this step, backward now (frees the graph before the next step)
+        loss, metrics = d3po_loss(logp[w], logp[l], ref[w], ref[l], beta, ratio_clip)
+        (loss * (weight / len(steps))).backward()
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + value / len(steps)
+        if progress:
+            progress(i + 1, len(steps))
+    return totals
+
+
+def apply_gradients(params: list[torch.nn.Parameter], optimizer, grad_clip: float) -> float:
+    """Clip, check and step. Returns the gradient norm; raises FloatingPointError if non-finite
+    (the optimizer has then not stepped and the gradients are cleared)."""
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    norm = float(norm)
+    if not torch.isfinite(torch.tensor(norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"non-finite gradient norm ({norm})")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
