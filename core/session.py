@@ -375,9 +375,10 @@ def _prepare_pipeline(pipe, runtime: Runtime):
     pipe.to(runtime.device)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
-        if module is not None:
+        if module is not None and module.dtype != runtime.dtype:
             module.to(dtype=runtime.dtype)
-    pipe.vae.to(dtype=torch.float32)      # decode in fp32: SDXL's VAE overflows in fp16
+    if pipe.vae.dtype != torch.float32:
+        pipe.vae.to(dtype=torch.float32)  # decode in fp32: SDXL's VAE overflows in fp16
     pipe.set_progress_bar_config(disable=True)
     apply_attention(pipe, runtime.attention)
     return pipe
