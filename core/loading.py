@@ -188,8 +188,9 @@ def _load_hub(repo_id: str, torch_dtype):
     try:
         pipe = DiffusionPipeline.from_pretrained(repo_id, **_dtype_kwarg(torch_dtype))
     except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"{repo_id}: could not load from the Hugging Face hub ({e}). Check the id, "
-                             "the network, and that the model is not gated (huggingface-cli login).") from e
+        raise ModelLoadError(f"{repo_id}: no local file or folder of that name, and loading it as a Hugging "
+                             f"Face hub id failed ({type(e).__name__}: {e}). Check the path, or the id, the "
+                             "network and that the model is not gated (huggingface-cli login).") from e
     if type(pipe).__name__ not in _pipeline_classes():
         raise ModelLoadError(f"{repo_id}: is a {type(pipe).__name__}; expected an SD 1.x/2.x or SDXL "
                              "text-to-image pipeline.")

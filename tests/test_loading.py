@@ -359,3 +359,101 @@ def test_single_file_conversion_failure_names_file(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         load_pipeline(ckpt, config_dir=CONFIGS_DIR / "sd1")
     assert str(ckpt) in str(e.value)
+
+
+def tiny_sdxl_pipeline():
+    """Tiny SDXL: text encoders of different widths (32, 48) as in the real model (768, 1280), since
+    diffusers tells them apart in a single file by width."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80, cross_attention_dim=80)
+    vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    te = dict(bos_token_id=0, eos_token_id=2, pad_token_id=1, intermediate_size=37, num_attention_heads=4,
+              num_hidden_layers=2, vocab_size=49408, projection_dim=32)
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    return StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(hidden_size=32, **te)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=48, hidden_act="gelu", **te)),
+        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False))
+
+
+def _open_clip_state(text_model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers CLIPTextModelWithProjection weights -> OpenCLIP names (fused q/k/v in_proj)."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_model_state.items()}
+    out = {"positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias"),
+           "text_projection": sd.pop("text_projection.weight").T}
+    sd.pop("embeddings.position_ids", None)
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    for i in layers:
+        pre = f"encoder.layers.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"transformer.resblocks.{i}.attn.in_proj_{leaf}"] = torch.cat(
+                [sd.pop(f"{pre}self_attn.{p}_proj.{leaf}") for p in "qkv"])
+        for k in [k for k in sd if k.startswith(pre)]:
+            module = k[len(pre):].rsplit(".", 1)[0]
+            out[f"transformer.resblocks.{i}.{names[module]}.{k.rsplit('.', 1)[1]}"] = sd.pop(k)
+    assert not sd, sd
+    return out
+
+
+def to_ldm_sdxl_checkpoint(pipe) -> dict[str, torch.Tensor]:
+    """An SDXL-layout (sgm: conditioner.embedders.{0,1}) state dict of a diffusers SDXL pipeline."""
+    up_attn = ["CrossAttn" in t for t in pipe.unet.config.up_block_types]
+    label = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
+    out = {}
+    for k, v in pipe.unet.state_dict().items():
+        module, leaf = k.rsplit(".", 1)
+        name = f"{label[module]}.{leaf}" if module in label else _ldm_unet_name(k, up_attn)
+        out[f"model.diffusion_model.{name}"] = v
+    n_levels = len(pipe.vae.config.block_out_channels)
+    for k, v in pipe.vae.state_dict().items():
+        name, reshape = _ldm_vae_name(k, n_levels)
+        out[f"first_stage_model.{name}"] = v[:, :, None, None] if reshape else v
+    for k, v in pipe.text_encoder.state_dict().items():
+        out[f"conditioner.embedders.0.transformer.{k if k.startswith('text_model.') else 'text_model.' + k}"] = v
+    for k, v in _open_clip_state(pipe.text_encoder_2.state_dict()).items():
+        out[f"conditioner.embedders.1.model.{k}"] = v
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_single_file_tiny_sdxl_end_to_end(tmp_path):
+    import shutil
+
+    ref = tiny_sdxl_pipeline()
+    folder = tmp_path / "xl"
+    ref.save_pretrained(folder)
+    config = tmp_path / "xl_config"
+    for f in folder.rglob("*.json"):
+        if not f.relative_to(folder).parts[0].startswith("tokenizer"):
+            (config / f.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, config / f.relative_to(folder))
+    ckpt = tmp_path / "tiny_xl.safetensors"
+    state = to_ldm_sdxl_checkpoint(ref)
+    safetensors.torch.save_file(state, ckpt)
+    assert detect_family({k: tuple(v.shape) for k, v in state.items()}) == ("sdxl", "sdxl")
+    pipe = load_pipeline(ckpt, config_dir=config)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and model_family(pipe) == "sdxl"
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        got, want = getattr(pipe, part).state_dict(), getattr(ref, part).state_dict()
+        for name, p in want.items():
+            if not name.endswith("position_ids"):
+                torch.testing.assert_close(got[name], p, rtol=0, atol=0, msg=f"{part}.{name}")
+    assert (pipe.tokenizer.pad_token, pipe.tokenizer_2.pad_token) == ("<|endoftext|>", "!")
+
+
+def test_missing_folder_that_looks_like_a_hub_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="no local file or folder"):
+        load_pipeline("no-such-org/no-such-model-d3po")
