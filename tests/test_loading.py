@@ -17,8 +17,9 @@ from d3po_studio.core.loading import (
 )
 
 
-def tiny_sd_pipeline():
-    """A ~2 M-parameter StableDiffusionPipeline (UNet 32/64, context 32) with the shipped tokenizer."""
+def tiny_sd_pipeline(sd2: bool = False):
+    """A ~2 M-parameter StableDiffusionPipeline (UNet 32/64, context 32) with the shipped tokenizer;
+    sd2: SD-2-shaped (linear projections in the transformers, gelu text encoder)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -26,12 +27,13 @@ def tiny_sd_pipeline():
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32)
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, use_linear_projection=sd2)
     vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_size=32, intermediate_size=37,
-        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77))
+        num_attention_heads=4, num_hidden_layers=2, vocab_size=49408, max_position_embeddings=77,
+        hidden_act="gelu" if sd2 else "quick_gelu"))
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               clip_sample=False, set_alpha_to_one=False)
@@ -390,8 +392,9 @@ def _open_clip_state(text_model_state: dict[str, torch.Tensor]) -> dict[str, tor
     sd = {k.removeprefix("text_model."): v for k, v in text_model_state.items()}
     out = {"positional_embedding": sd.pop("embeddings.position_embedding.weight"),
            "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
-           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias"),
-           "text_projection": sd.pop("text_projection.weight").T}
+           "ln_final.weight": sd.pop("final_layer_norm.weight"), "ln_final.bias": sd.pop("final_layer_norm.bias")}
+    if "text_projection.weight" in sd:  # SDXL's second encoder; SD 2's has none in diffusers
+        out["text_projection"] = sd.pop("text_projection.weight").T
     sd.pop("embeddings.position_ids", None)
     names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
@@ -457,3 +460,25 @@ def test_missing_folder_that_looks_like_a_hub_id(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="no local file or folder"):
         load_pipeline("no-such-org/no-such-model-d3po")
+
+
+def test_single_file_tiny_sd2_layout_end_to_end(tmp_path, tiny_config_dir):
+    """SD 2 layout: OpenCLIP text encoder under cond_stage_model.model. (fused q/k/v)."""
+    import shutil
+
+    ref = tiny_sd_pipeline(sd2=True)
+    folder = tmp_path / "sd2"
+    ref.save_pretrained(folder)
+    config = tmp_path / "sd2_config"
+    shutil.copytree(folder, config, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "tokenizer"))
+    state = {k: v for k, v in to_ldm_checkpoint(ref).items() if not k.startswith("cond_stage_model.")}
+    state.update({f"cond_stage_model.model.{k}": v.contiguous()
+                  for k, v in _open_clip_state(ref.text_encoder.state_dict()).items()})
+    ckpt = tmp_path / "tiny_sd2.safetensors"
+    safetensors.torch.save_file(state, ckpt)
+    pipe = load_pipeline(ckpt, config_dir=config)
+    for part in ("unet", "vae", "text_encoder"):
+        got, want = getattr(pipe, part).state_dict(), getattr(ref, part).state_dict()
+        for name, p in want.items():
+            if not name.endswith("position_ids"):
+                torch.testing.assert_close(got[name], p, rtol=0, atol=0, msg=f"{part}.{name}")
