@@ -94,7 +94,7 @@ class Session:
             runtime = resolve_runtime(resolved.device, resolved.dtype, resolved.optimizer, resolved.attention)
             pipe = pipeline if pipeline is not None else load_pipeline(
                 model, torch_dtype=runtime.dtype, device=str(runtime.device))
-            pipe = _prepare_pipeline(pipe, runtime)
+            pipe = prepare_pipeline(pipe, runtime)
             resolved = _fill_native_size(resolved, pipe)
             meta = {**(meta or {"created": _now()}), "model": model, "model_fingerprint": fingerprint,
                     "family": model_family(pipe), "settings": resolved.to_dict()}
@@ -316,7 +316,7 @@ class Session:
         from .export import export_lora
         with self._lock:
             meta = {"base_model": str(self.meta["model"]), "base_model_hash": self.meta["model_fingerprint"],
-                    "preferences": str(self.updates), "settings": self.settings.to_dict()}
+                    "num_preferences": self.updates, "settings": self.settings.to_dict()}
             return export_lora(lora_state(self.pipe.unet), path, format, rank=self.settings.lora_rank,
                                alpha=self.settings.lora_alpha, family=self.meta["family"], metadata=meta)
 
@@ -371,7 +371,8 @@ def _merge_settings(meta: dict, given: dict, has_updates: bool) -> Settings:
     return stored.replace(**given)
 
 
-def _prepare_pipeline(pipe, runtime: Runtime):
+def prepare_pipeline(pipe, runtime: Runtime):
+    """Move to the device, cast frozen weights to the runtime dtype, set attention."""
     pipe.to(runtime.device)
     for name in ("unet", "text_encoder", "text_encoder_2"):
         module = getattr(pipe, name, None)
