@@ -20,3 +20,13 @@ def __getattr__(name):
         from .core.config import Settings
         return Settings
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ---------------------------------------------------------------- ComfyUI node pack
+# ComfyUI serves this folder's web/ to the page and calls comfy_entrypoint (V3 node API).
+WEB_DIRECTORY = "./web"
+
+
+async def comfy_entrypoint():
+    from .nodes import comfy_extension
+    return comfy_extension()

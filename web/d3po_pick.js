@@ -1,0 +1,96 @@
+// D3PO Studio: the D3PO Pick node shows the round's images and posts the click back.
+// The Python side (nodes/round_nodes.py) sends "d3po.pick" {node, round, images} and waits on
+// POST /d3po/pick {node_id, index | none | cancel}. GET /d3po/pick lists picks still waiting
+// (so a reloaded page can answer them).
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const NODE_TYPE = "D3POPick";
+const panels = new Map(); // node id -> {root, grid, status}
+
+function imageUrl(ref) {
+  const q = new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder, type: ref.type });
+  return api.apiURL(`/view?${q}`);
+}
+
+async function answer(nodeId, body) {
+  const panel = panels.get(String(nodeId));
+  const res = await api.fetchApi("/d3po/pick", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ node_id: String(nodeId), ...body }),
+  });
+  if (panel) {
+    panel.status.textContent = res.ok ? "sent" : `not sent: ${(await res.json()).error}`;
+    if (res.ok) panel.grid.replaceChildren();
+  }
+}
+
+function makePanel(node) {
+  const root = document.createElement("div");
+  root.style.cssText = "display:flex;flex-direction:column;gap:4px;width:100%";
+  const grid = document.createElement("div");
+  grid.style.cssText = "display:flex;flex-wrap:wrap;gap:4px";
+  const bar = document.createElement("div");
+  bar.style.cssText = "display:flex;gap:4px;align-items:center";
+  const none = document.createElement("button");
+  none.textContent = "None is better";
+  none.title = "Log that no image is better; nothing is trained";
+  none.onclick = () => answer(node.id, { none: true });
+  const cancel = document.createElement("button");
+  cancel.textContent = "Cancel";
+  cancel.title = "Stop this run without an update";
+  cancel.onclick = () => answer(node.id, { cancel: true });
+  const status = document.createElement("span");
+  status.style.cssText = "font-size:11px;opacity:0.8";
+  status.textContent = "waiting for a round";
+  bar.append(none, cancel, status);
+  root.append(grid, bar);
+  node.addDOMWidget("d3po_pick", "d3po_pick", root, { serialize: false });
+  const panel = { root, grid, status };
+  panels.set(String(node.id), panel);
+  return panel;
+}
+
+function show(detail) {
+  const node = app.graph?.getNodeById(Number(detail.node));
+  if (!node) return;
+  const panel = panels.get(String(node.id)) ?? makePanel(node);
+  panel.grid.replaceChildren(
+    ...detail.images.map((ref, i) => {
+      const img = document.createElement("img");
+      img.src = imageUrl(ref);
+      img.title = `Pick image ${i}`;
+      img.style.cssText = "width:calc(50% - 4px);cursor:pointer;image-rendering:pixelated;border:2px solid transparent";
+      img.onmouseenter = () => (img.style.borderColor = "#6cf");
+      img.onmouseleave = () => (img.style.borderColor = "transparent");
+      img.onclick = () => answer(node.id, { index: i });
+      return img;
+    })
+  );
+  panel.status.textContent = "click the image you prefer";
+  node.setDirtyCanvas?.(true, true);
+}
+
+function clearAll(text) {
+  for (const panel of panels.values()) {
+    panel.grid.replaceChildren();
+    panel.status.textContent = text;
+  }
+}
+
+app.registerExtension({
+  name: "d3po.studio.pick",
+  async setup() {
+    api.addEventListener("d3po.pick", ({ detail }) => show(detail));
+    api.addEventListener("execution_interrupted", () => clearAll("interrupted"));
+    api.addEventListener("execution_error", () => clearAll("stopped by an error"));
+    const res = await api.fetchApi("/d3po/pick");
+    if (res.ok) {
+      for (const [node, info] of Object.entries(await res.json())) show({ node, ...info });
+    }
+  },
+  async nodeCreated(node) {
+    if (node.comfyClass === NODE_TYPE) makePanel(node);
+  },
+});
