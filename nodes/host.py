@@ -15,6 +15,7 @@ context to pass a host in. `comfy_entrypoint` installs a ComfyHost; tests instal
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import uuid
@@ -104,6 +105,9 @@ class PlainHost:
                 self.check_interrupt()
         return report
 
+    def training(self):
+        return training_mode()
+
     def interrupt(self) -> None:
         """What ComfyUI's Interrupt button does: the running node stops at its next check."""
         self._interrupt.set()
@@ -160,6 +164,17 @@ class PlainHost:
 
 
 PICK_ROUTE = "/d3po/pick"
+
+
+def training_mode():
+    """A context where tensors take part in autograd. ComfyUI runs nodes under
+    torch.inference_mode(): loading a model whose LoRA will be trained, and training it, must
+    leave it (inference tensors cannot be saved for backward nor updated in place outside it)."""
+    import torch
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad())
+    return stack
 
 
 def _diffusers_names(roots) -> list[str]:
@@ -231,6 +246,9 @@ class ComfyHost:
             except mm.InterruptProcessingException:
                 mm.interrupt_current_processing(True)   # re-arm: honoured after this step
         return report
+
+    def training(self):
+        return training_mode()
 
     def interrupt(self) -> None:
         import comfy.model_management as mm

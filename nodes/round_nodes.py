@@ -145,12 +145,12 @@ class UpdateLora:
         h = host.current()
         session = pick.round.session
         h.check_interrupt()
-        if pick.none:
-            report = session.prefer(pick.round.batch_id, none=True)
-        else:
-            total = max(1, round(session.settings.train_fraction * session.settings.steps))
-            report = session.prefer(pick.round.batch_id, best=pick.index,
-                                    progress=h.progress(total, interruptible=False))
+        with h.training():
+            if pick.none:
+                report = session.prefer(pick.round.batch_id, none=True)
+            else:
+                report = session.prefer(pick.round.batch_id, best=pick.index,
+                                        progress=h.progress(1, interruptible=False))
         name = write_lora(h, session, session_lora_name(session))
         h.check_interrupt()     # an interrupt during the update is honoured once it is complete
         return h.output(session, name, report_text(report), ui={"text": [report_text(report)]})

@@ -95,10 +95,11 @@ class LoadSession:
         if not _SESSION_NAME.match(session_name or ""):
             raise ConfigError(f"session_name {session_name!r}: use letters, digits, '-', '_' or '.', "
                               "starting with a letter or digit (it names a folder)")
-        session = registry.open_session(
-            h.sessions_dir() / session_name, model=resolve_model(h, checkpoint), lr=lr, beta=beta,
-            lora_rank=lora_rank, lora_alpha=float(lora_rank), dtype=dtype, optimizer=optimizer,
-            gradient_checkpointing=gradient_checkpointing)
+        with h.training():   # the LoRA and optimizer state must be ordinary (autograd) tensors
+            session = registry.open_session(
+                h.sessions_dir() / session_name, model=resolve_model(h, checkpoint), lr=lr, beta=beta,
+                lora_rank=lora_rank, lora_alpha=float(lora_rank), dtype=dtype, optimizer=optimizer,
+                gradient_checkpointing=gradient_checkpointing)
         return h.output(session, _info(session))
 
 
@@ -123,7 +124,8 @@ class UndoUpdate:
     @classmethod
     def execute(cls, session):
         h = host.current()
-        result = session.undo()
+        with h.training():
+            result = session.undo()
         name = write_lora(h, session, session_lora_name(session))
         return h.output(session, name, json.dumps(result))
 

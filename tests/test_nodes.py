@@ -96,6 +96,18 @@ def test_loop_load_sample_pick_update_export_undo(plain):
     assert json.loads(info)["updates"] == 0 and session.updates == 0
 
 
+def test_loop_under_inference_mode_as_comfyui_runs_nodes(plain):
+    import torch
+    with torch.inference_mode():
+        session = load(plain)
+        _, rnd = sample(session)
+        pick = PickImage.execute(round=rnd, mode="index", index=0).result[0]
+        assert json.loads(UpdateLora.execute(pick=pick).result[2])["updates"] == 1
+        UndoUpdate.execute(session=session)
+    _, rnd = sample(session, seed=1)
+    assert json.loads(UpdateLora.execute(pick=registry.Pick(rnd, 1)).result[2])["updates"] == 1
+
+
 def test_load_reuses_the_open_session_and_resumes_after_a_settings_change(plain):
     first = load(plain)
     assert load(plain) is first                                    # same inputs: same object, no 2nd lock
@@ -250,3 +262,25 @@ def test_there_is_a_loop_workflow_with_a_stock_preview_branch():
     assert any(loop <= t and {"CheckpointLoaderSimple", "LoraLoader", "KSampler"} <= t for t in types)
     assert {cls.__name__ for cls in NODES} == {"LoadSession", "SampleRound", "PickImage", "UpdateLora",
                                               "ExportLora", "UndoUpdate"}
+
+
+# ---------------------------------------------------------------------- ComfyUI-Manager install
+def test_requirements_are_loose_and_never_torch():
+    lines = [l.split("#")[0].strip() for l in (REPO / "requirements.txt").read_text().splitlines()]
+    reqs = [l for l in lines if l]
+    assert reqs and not any(l.lower().startswith(("torch", "torchvision", "xformers")) for l in reqs)
+    assert not any("==" in l or "<" in l for l in reqs)
+
+
+def test_install_skips_cuda_extras_without_a_cuda_torch():
+    import subprocess
+    import sys
+
+    import torch
+    out = subprocess.run([sys.executable, str(REPO / "install.py"), "--dry-run"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0
+    if torch.version.cuda and torch.cuda.is_available():
+        assert "xformers" in out.stdout and f"torch=={torch.__version__}" in out.stdout
+    else:
+        assert "skipping the optional CUDA extras" in out.stdout
