@@ -16,6 +16,8 @@ from .callbacks import RESOLUTIONS, SEED_MODES, AppConfig, Callbacks
 CSS = """
 #images img, #choices img, .pixelated img { image-rendering: pixelated; }
 #images .thumbnail-item { cursor: pointer; }
+#images .thumbnail-item { max-height: 420px; }
+#images .thumbnail-item img, #choices .thumbnail-item img { object-fit: contain; }
 """
 
 
@@ -50,10 +52,10 @@ def build_app(model: str = "embedded", session=None, sessions_dir=None, export_d
                 sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
                 none_btn = gr.Button("None is good", elem_id="none")
                 undo_btn = gr.Button("Undo last update", elem_id="undo")
-            images = gr.Gallery(label="Click the better image", columns=2, allow_preview=False, height=360,
+            images = gr.Gallery(label="Click the better image", columns=2, allow_preview=False, height="auto",
                                 object_fit="contain", elem_id="images", interactive=False)
             best = gr.Number(visible=False, precision=0)
-            with gr.Accordion("Settings", open=False):
+            with gr.Accordion("Settings", open=False, elem_id="settings"):
                 with gr.Row():
                     steps = gr.Slider(1, 100, value=d.steps, step=1, label="Steps", elem_id="steps")
                     guidance = gr.Slider(1.0, 20.0, value=d.guidance, step=0.5, label="Guidance")

@@ -105,9 +105,11 @@ class Callbacks:
     def on_load(self, request: gr.Request):
         """Page load: open the --session folder for the first tab that asks for it."""
         folder = self.config.initial_session
-        if folder is None or self.registry.is_open(folder):
-            return self._empty_outputs("Type a prompt and press **Sample** (a new session is created), "
-                                       "or resume one under **Sessions**.")
+        hint = "Type a prompt and press **Sample** (a new session is created), or resume one under **Sessions**."
+        if folder is None:
+            return self._empty_outputs(hint)
+        if self.registry.is_open(folder):
+            return self._empty_outputs(f"Session **{folder.name}** is open in another browser tab. {hint}")
         try:
             session = self._open(folder, request, {})
         except D3POError as e:
@@ -227,8 +229,8 @@ class Callbacks:
         rounds = session.history()
         clicked = [r for r in rounds if r.get("choice")]
         counts = {st: sum(r["status"] == st for r in clicked) for st in ("applied", "skipped", "undone")}
-        summary = (f"**{len(clicked)} clicks** — {counts['applied']} updates in the LoRA now "
-                   f"({session.updates}), {counts['skipped']} skipped, {counts['undone']} undone.")
+        summary = (f"**{_plural(len(clicked), 'click')}** — {_plural(session.updates, 'update')} in the "
+                   f"LoRA now; {counts['applied']} applied, {counts['skipped']} skipped, {counts['undone']} undone.")
         return summary, _metrics_frame(clicked), _thumbnails(session, clicked)
 
 
@@ -272,5 +274,9 @@ def _reporter(progress, desc: str):
 
 
 def _describe(session) -> str:
-    return (f"Session **{session.folder.root.name}** on `{session.meta['model']}`, "
-            f"{session.updates} updates.")
+    return (f"Session **{session.folder.root.name}** on `{Path(str(session.meta['model'])).name}`, "
+            f"{_plural(session.updates, 'update')}.")
+
+
+def _plural(k: int, word: str) -> str:
+    return f"{k} {word}" if k == 1 else f"{k} {word}s"

@@ -71,11 +71,11 @@ def test_click_loop_undo_export(server):
     assert len(gallery["value"]) == 2 and seed == 5 and "Click the better image" in status
 
     out = c.predict(best=1, **SAMPLING, api_name="/prefer")
-    assert out[1] == 5 and "Update 1" in out[2] and "1 clicks" in out[3]
+    assert out[1] == 5 and "Update 1" in out[2] and "**1 click**" in out[3]
     c.predict(**SAMPLING, api_name="/skip")
     c.predict(best=0, **SAMPLING, api_name="/prefer")
     note, summary, *_ = c.predict(api_name="/undo")
-    assert "back at update 1" in note and "3 clicks" in summary
+    assert "back at update 1" in note and "3 clicks** — 1 update in the LoRA now; 1 applied, 1 skipped, 1 undone" in summary
 
     folder = root / "sessions" / "s1"
     recs = rounds(folder)
