@@ -90,7 +90,8 @@ def build_app(model: str = "embedded", session=None, sessions_dir=None, export_d
                 undo_btn2 = gr.Button("Undo last update")
         with gr.Tab("Sessions"):
             with gr.Row():
-                sessions = gr.Dropdown(cb.session_names(), allow_custom_value=True, label=f"Sessions in {config.sessions_dir}")
+                sessions = gr.Dropdown(cb.session_names(), allow_custom_value=True,
+                                       label=f"Sessions in {config.sessions_dir}")
                 list_btn = gr.Button("Refresh list")
                 resume_btn = gr.Button("Resume", variant="primary")
             with gr.Row():
@@ -114,21 +115,22 @@ def build_app(model: str = "embedded", session=None, sessions_dir=None, export_d
         def lock():
             return [gr.Button(interactive=False)] * len(controls)
 
-        def unlock():
-            return [gr.Button(interactive=True)] * len(controls)
+        def unlock(shown_seed):
+            """Buttons back on; Compare starts from the seed of the images on screen."""
+            return *[gr.Button(interactive=True)] * len(controls), shown_seed
 
         def picked(evt: gr.SelectData):
             return evt.index, *lock()
 
         sample_btn.click(lock, None, controls, api_visibility="private", queue=False).then(
             cb.sample, [folder, *sampling], [folder, *batch_out], api_name="sample").then(
-            unlock, None, controls, api_visibility="private", queue=False)
+            unlock, seed, [*controls, cmp_seed], api_visibility="private", queue=False)
         images.select(picked, None, [best, *controls], api_visibility="private", queue=False).then(
             cb.prefer, [folder, round_id, best, *sampling], [*batch_out, *history], api_name="prefer").then(
-            unlock, None, controls, api_visibility="private", queue=False)
+            unlock, seed, [*controls, cmp_seed], api_visibility="private", queue=False)
         none_btn.click(lock, None, controls, api_visibility="private", queue=False).then(
             cb.skip, [folder, round_id, *sampling], [*batch_out, *history], api_name="skip").then(
-            unlock, None, controls, api_visibility="private", queue=False)
+            unlock, seed, [*controls, cmp_seed], api_visibility="private", queue=False)
         undo_btn.click(cb.undo, [folder], [status, *history], api_name="undo")
         undo_btn2.click(cb.undo, [folder], [status, *history], api_visibility="private")
         refresh_btn.click(cb.history, [folder], history, api_name="history")

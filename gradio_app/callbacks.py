@@ -230,7 +230,8 @@ class Callbacks:
         clicked = [r for r in rounds if r.get("choice")]
         counts = {st: sum(r["status"] == st for r in clicked) for st in ("applied", "skipped", "undone")}
         summary = (f"**{_plural(len(clicked), 'click')}** — {_plural(session.updates, 'update')} in the "
-                   f"LoRA now; {counts['applied']} applied, {counts['skipped']} skipped, {counts['undone']} undone.")
+                   f"LoRA now; {counts['applied']} applied, {counts['skipped']} skipped, "
+                   f"{counts['undone']} undone.")
         return summary, _metrics_frame(clicked), _thumbnails(session, clicked)
 
 

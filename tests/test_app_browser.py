@@ -72,6 +72,12 @@ def test_click_an_image_then_the_next_pair_appears(app, tmp_path):
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
             assert REGISTRY.is_open(session_folder(sessions))
+
+            page.get_by_role("tab", name="History").click()
+            expect(page.get_by_text("1 click", exact=False).first).to_be_visible(timeout=10_000)
+            page.get_by_role("tab", name="Compare").click()
+            page.get_by_role("button", name="Render base and tuned").click()
+            expect(page.locator(".pixelated img")).to_have_count(2, timeout=60_000)
         finally:
             browser.close()
     session = session_folder(sessions)
