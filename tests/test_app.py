@@ -189,3 +189,27 @@ def test_a_model_that_fails_to_load_is_a_message(tmp_path):
         assert c.predict(api_name="/list_sessions") is not None     # still serving
     finally:
         demo.close()
+
+
+@pytest.mark.parametrize("name", HOSTILE + [" ", "a b", "é", "x\x00", "~root"])
+def test_safe_name_refuses(name):
+    from d3po_studio.core.errors import ConfigError
+    from d3po_studio.gradio_app.paths import safe_name
+    with pytest.raises(ConfigError, match="not allowed"):
+        safe_name(name)
+
+
+@pytest.mark.parametrize("name", ["s1", "my.session", "A_b-3", "x" * 100, "a..b"])
+def test_safe_name_accepts(name):
+    from d3po_studio.gradio_app.paths import safe_name
+    assert safe_name(name) == name
+
+
+def test_a_symlink_out_of_the_folder_is_refused(tmp_path):
+    from d3po_studio.core.errors import ConfigError
+    from d3po_studio.gradio_app.paths import child
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "link").symlink_to(tmp_path)
+    with pytest.raises(ConfigError, match="outside"):
+        child(tmp_path / "root", "link")
+    assert child(tmp_path / "root", "ok") == (tmp_path / "root" / "ok").resolve()
