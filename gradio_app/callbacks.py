@@ -82,7 +82,7 @@ class Callbacks:
         folder = child(self.config.sessions_dir, name, "session name")
         if SessionFolder(folder).exists():
             raise ConfigError(f"session {folder.name!r} exists already: resume it, or pick another name")
-        settings = dict(lr=float(lr), beta=float(beta), lora_rank=int(rank))
+        settings = _session_settings(lr, beta, rank)
         session = self._open(folder, request, settings)
         return self._session_outputs(session, f"Created session **{folder.name}**.")
 
@@ -97,7 +97,7 @@ class Callbacks:
     @shown_errors
     def apply_settings(self, folder, lr, beta, rank, request: gr.Request):
         """Reopen this tab's session with new lr / beta / rank (rank is refused after a click)."""
-        settings = dict(lr=float(lr), beta=float(beta), lora_rank=int(rank))
+        settings = _session_settings(lr, beta, rank)
         session = self.registry.reopen(folder, request.session_hash,
                                        lambda f: self._load(f, settings), lambda f: self._load(f, {}))
         return self._session_outputs(session, "Applied learning rate, β and rank to this session.")
@@ -258,7 +258,15 @@ def _thumbnails(session, clicked: list[dict]) -> list:
     return items
 
 
+def _session_settings(lr, beta, rank) -> dict:
+    if lr is None or beta is None or rank is None:
+        raise ConfigError("learning rate, β and LoRA rank need a value (Settings)")
+    return dict(lr=float(lr), beta=float(beta), lora_rank=int(rank))
+
+
 def _sampling(steps, guidance, resolution) -> dict:
+    if steps is None or guidance is None:
+        raise ConfigError("steps and guidance need a value (Settings)")
     sampling = {"steps": int(steps), "guidance": float(guidance)}
     if resolution and str(resolution) != "native":
         try:
