@@ -192,7 +192,13 @@ class Callbacks:
         return Session.open(folder, model=model, **settings)
 
     def _open(self, folder: Path, request: gr.Request, settings: dict):
-        return self.registry.open(folder, request.session_hash, lambda f: self._load(f, settings))
+        existed = folder.exists()
+        try:
+            return self.registry.open(folder, request.session_hash, lambda f: self._load(f, settings))
+        except D3POError:
+            if not existed:
+                _remove_if_empty(folder)     # a session that never opened leaves no folder behind
+            raise
 
     def _session_or_new(self, folder, request: gr.Request):
         if folder and self.registry.is_open(folder):
@@ -233,6 +239,13 @@ class Callbacks:
                    f"LoRA now; {counts['applied']} applied, {counts['skipped']} skipped, "
                    f"{counts['undone']} undone.")
         return summary, _metrics_frame(clicked), _thumbnails(session, clicked)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if it holds nothing but the core's lock file."""
+    if folder.is_dir() and {p.name for p in folder.iterdir()} <= {".lock"}:
+        (folder / ".lock").unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def _metrics_frame(clicked: list[dict]) -> pd.DataFrame:

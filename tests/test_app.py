@@ -187,6 +187,7 @@ def test_a_model_that_fails_to_load_is_a_message(tmp_path):
         with pytest.raises(AppError, match="ModelLoadError"):
             c.predict("s", 3e-3, 0.1, 4, api_name="/new_session")
         assert c.predict(api_name="/list_sessions") is not None     # still serving
+        assert not (tmp_path / "sessions" / "s").exists()
     finally:
         demo.close()
 
