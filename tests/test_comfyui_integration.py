@@ -75,7 +75,8 @@ def _get(url):
 def _post(url, body):
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
-        return json.loads(r.read())
+        body = r.read()
+        return json.loads(body) if body else None
 
 
 def _until(fn, timeout, what):

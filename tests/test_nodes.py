@@ -227,6 +227,14 @@ def test_interrupt_stops_sampling(plain):
         sample(session)
 
 
+def test_interrupt_during_an_update_waits_for_its_end(plain):
+    report = plain.progress(3, interruptible=False)
+    plain.interrupt()
+    report(1, 3)                                  # mid-update: not raised, kept
+    with pytest.raises(host.Interrupted):
+        plain.check_interrupt()                   # raised at the next check, after the update
+
+
 @pytest.mark.parametrize("payload, message", [
     ({"index": 0}, "node_id"),
     ({"node_id": "1"}, "exactly one"),
