@@ -6,24 +6,22 @@ import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const NODE_TYPE = "D3POPick";
-const panels = new Map(); // node id -> {root, grid, status}
+const PANEL = "d3poPanel"; // the node's picker panel, kept on the node (its id may change on load)
 
 function imageUrl(ref) {
   const q = new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder, type: ref.type });
   return api.apiURL(`/view?${q}`);
 }
 
-async function answer(nodeId, body) {
-  const panel = panels.get(String(nodeId));
+async function answer(node, body) {
+  const panel = node[PANEL];
   const res = await api.fetchApi("/d3po/pick", {
     method: "POST",
     headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ node_id: String(nodeId), ...body }),
+    body: JSON.stringify({ node_id: String(node.id), ...body }),
   });
-  if (panel) {
-    panel.status.textContent = res.ok ? "sent" : `not sent: ${(await res.json()).error}`;
-    if (res.ok) panel.grid.replaceChildren();
-  }
+  panel.status.textContent = res.ok ? "sent" : `not sent: ${(await res.json()).error}`;
+  if (res.ok) panel.grid.replaceChildren();
 }
 
 function makePanel(node) {
@@ -36,46 +34,50 @@ function makePanel(node) {
   const none = document.createElement("button");
   none.textContent = "None is better";
   none.title = "Log that no image is better; nothing is trained";
-  none.onclick = () => answer(node.id, { none: true });
+  none.onclick = () => answer(node, { none: true });
   const cancel = document.createElement("button");
   cancel.textContent = "Cancel";
   cancel.title = "Stop this run without an update";
-  cancel.onclick = () => answer(node.id, { cancel: true });
+  cancel.onclick = () => answer(node, { cancel: true });
   const status = document.createElement("span");
   status.style.cssText = "font-size:11px;opacity:0.8";
   status.textContent = "waiting for a round";
   bar.append(none, cancel, status);
   root.append(grid, bar);
   node.addDOMWidget("d3po_pick", "d3po_pick", root, { serialize: false });
-  const panel = { root, grid, status };
-  panels.set(String(node.id), panel);
-  return panel;
+  node[PANEL] = { root, grid, status };
+  return node[PANEL];
 }
 
 function show(detail) {
   const node = app.graph?.getNodeById(Number(detail.node));
   if (!node) return;
-  const panel = panels.get(String(node.id)) ?? makePanel(node);
+  const panel = node[PANEL] ?? makePanel(node);
   panel.grid.replaceChildren(
     ...detail.images.map((ref, i) => {
       const img = document.createElement("img");
       img.src = imageUrl(ref);
       img.title = `Pick image ${i}`;
-      img.style.cssText = "width:calc(50% - 4px);cursor:pointer;image-rendering:pixelated;border:2px solid transparent";
+      img.style.cssText =
+        "width:calc(50% - 4px);max-height:240px;object-fit:contain;cursor:pointer;" +
+        "image-rendering:pixelated;border:2px solid transparent";
       img.onmouseenter = () => (img.style.borderColor = "#6cf");
       img.onmouseleave = () => (img.style.borderColor = "transparent");
-      img.onclick = () => answer(node.id, { index: i });
+      img.onclick = () => answer(node, { index: i });
       return img;
     })
   );
   panel.status.textContent = "click the image you prefer";
+  const [w, h] = node.computeSize?.() ?? node.size;
+  node.setSize?.([Math.max(node.size[0], w), Math.max(node.size[1], h)]);
   node.setDirtyCanvas?.(true, true);
 }
 
 function clearAll(text) {
-  for (const panel of panels.values()) {
-    panel.grid.replaceChildren();
-    panel.status.textContent = text;
+  for (const node of app.graph?._nodes ?? []) {
+    if (!node[PANEL]) continue;
+    node[PANEL].grid.replaceChildren();
+    node[PANEL].status.textContent = text;
   }
 }
 
