@@ -1,0 +1,45 @@
+"""A short simulated session completes and writes its report, plots and metrics."""
+import json
+
+import pytest
+
+from d3po_studio.cli import main
+from d3po_studio.core.embedded import WEIGHTS_DIR
+from d3po_studio.core.oracles import ORACLES
+from d3po_studio.core.simulate import eval_set, oracle_metrics
+
+HAS_EMBEDDED = (WEIGHTS_DIR / "model_index.json").exists()
+
+
+def test_oracle_metrics_hand_computed():
+    base = [0.0, 1.0, 2.0, 3.0]                # std = 1.118, margin = 0.2795
+    tuned = [0.5, 1.1, 2.0, 4.0]               # changes 0.5, 0.1, 0, 1.0
+    m = oracle_metrics(base, tuned)
+    assert m["win_rate"] == 0.5                 # 0.5 and 1.0 exceed the margin; 0.1 does not
+    assert m["effect_size"] == pytest.approx(0.4 / 1.118034, rel=1e-5)
+
+
+def test_eval_set_is_held_out_and_reproducible():
+    a, b = eval_set(8, seed=0), eval_set(8, seed=0)
+    assert a == b and len({s for _, s in a}) == 8 and min(s for _, s in a) >= 1_000_000
+
+
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="the embedded model's weights are not in this checkout")
+def test_simulate_command_writes_report(tmp_path, capsys):
+    out = tmp_path / "sim"
+    assert main(["simulate", "--oracle", "brighter", "--rounds", "3", "--eval-pairs", "4", "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["oracle"] == "brighter" and summary["clicks"] == 3
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["checkpoints"][-1]["oracles"]) == set(ORACLES)
+    assert report["base_fidelity"]["n"] == 4
+    assert (out / "compare.png").stat().st_size > 0 and (out / "curve.png").stat().st_size > 0
+    statuses = {json.loads(p.read_text())["status"] for p in (out / "session" / "rounds").glob("*/round.json")}
+    assert statuses == {"applied"}
+    assert main(["simulate", "--oracle", "brighter", "--rounds", "1", "--out", str(out)]) == 2
+    assert "already holds" in capsys.readouterr().err
+
+
+def test_unknown_oracle_lists_valid_ones(tmp_path, capsys):
+    assert main(["simulate", "--oracle", "bluer", "--rounds", "1", "--out", str(tmp_path / "s")]) == 2
+    assert "brighter" in capsys.readouterr().err
