@@ -17,6 +17,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "app_screenshot.png"
+SAVE = os.environ.get("D3PO_SAVE_SCREENSHOT") == "1"
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="no /usr/bin/chromium: install it with `apt-get install -y chromium`")
@@ -50,9 +51,10 @@ def test_click_an_image_then_the_next_pair_appears(app, tmp_path):
             page.goto(demo.local_url)
             page.get_by_label("Prompt", exact=True).fill("a red circle")
             page.locator("#settings").get_by_text("Settings", exact=True).click()
-            steps = page.locator("#steps input[type=number]")
-            steps.fill("4")
-            steps.press("Enter")
+            if not SAVE:                       # fewer steps for speed; the README shows the defaults
+                steps = page.locator("#steps input[type=number]")
+                steps.fill("4")
+                steps.press("Enter")
             page.locator("#sample").click()
             thumbs = page.locator("#images .thumbnail-item")
             expect(thumbs).to_have_count(2, timeout=60_000)
@@ -68,7 +70,7 @@ def test_click_an_image_then_the_next_pair_appears(app, tmp_path):
             assert second_pair != first_pair
 
             page.locator("#settings").get_by_text("Settings", exact=True).click()   # fold it again
-            shot = DOCS_SCREENSHOT if os.environ.get("D3PO_SAVE_SCREENSHOT") == "1" else tmp_path / "app.png"
+            shot = DOCS_SCREENSHOT if SAVE else tmp_path / "app.png"
             page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 10_000
             assert REGISTRY.is_open(session_folder(sessions))
