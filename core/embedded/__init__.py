@@ -1,4 +1,16 @@
-"""The small text-to-image model that ships with D3PO Studio (see docs/embedded.md)."""
+"""The small text-to-image model that ships with D3PO Studio (see docs/embedded.md).
+
+A diffusers StableDiffusionPipeline folder (64x64 images, 32x32x4 latents, ~5 M parameters) trained
+by `train.py` on the procedural shapes of `world.py`; `checker.py` measures how well it follows
+prompts. Load it offline with
+
+    StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True)
+
+and sample at DEFAULTS (DDIM steps, CFG scale, size, eta = 1 as in D3PO).
+"""
 from pathlib import Path
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+# Sampling settings the model was tuned and measured at (docs/embedded.md).
+DEFAULTS = dict(steps=10, guidance=6.0, height=64, width=64, eta=1.0)
