@@ -44,6 +44,27 @@ def resident_parameters(family: str) -> int:
     return total
 
 
+def attention_matrix_bytes(family: str, size: int, samples: int, bytes_per: int = HALF) -> float:
+    """Bytes of the self-attention probability matrices that classic attention keeps for backward:
+    per self-attention layer samples × heads × N² (N = tokens at that layer's resolution)."""
+    cfg = json.loads((CONFIGS / family / "unet" / "config.json").read_text())
+    levels = len(cfg["block_out_channels"])
+    heads = cfg["attention_head_dim"]          # diffusers' SD configs store the head count here
+    heads = heads if isinstance(heads, list) else [heads] * levels
+    depth = cfg.get("transformer_layers_per_block", 1)
+    depth = depth if isinstance(depth, list) else [depth] * levels
+    layers = cfg["layers_per_block"]
+    total = 0.0
+    for i, kind in enumerate(cfg["down_block_types"]):
+        tokens = (size // 8 // 2 ** i) ** 2
+        per_layer = samples * heads[i] * tokens ** 2 * bytes_per
+        if kind.startswith("CrossAttn"):
+            total += per_layer * depth[i] * (2 * layers + 1)      # down blocks + up blocks (one more)
+        if i == levels - 1:
+            total += per_layer * depth[i]                            # mid block
+    return total
+
+
 def estimate(rows: dict[str, dict], family: str) -> dict[str, dict[str, float]]:
     """Bytes per component for each measured variant of ``family`` at its target size."""
     resident = resident_parameters(family)
@@ -54,6 +75,10 @@ def estimate(rows: dict[str, dict], family: str) -> dict[str, dict[str, float]]:
         lora = r["lora_parameters"] * (4 + 4 + OPTIMIZER_STATE_BYTES[r["optimizer"]])
         parts = {"unet": r["unet_parameters"] * HALF * copies, "resident": resident * HALF, "lora": lora,
                  "activations": (r["peak_bytes"] - r["setup_bytes"]) * scale}
+        if r["attention"] == "classic":         # its attention matrices grow with pixels², not pixels
+            samples = 4                          # 2 images × CFG batch 2, all alive until backward
+            parts["activations"] += (attention_matrix_bytes(family, TARGET_SIZE[family], samples)
+                                     - scale * attention_matrix_bytes(family, r["size"], samples))
         parts["total"] = sum(parts.values())
         parts["with_context"] = parts["total"] + CUDA_CONTEXT
         parts["scale"] = scale
@@ -69,8 +94,12 @@ def markdown(results: list[dict]) -> str:
            "+ optimizer states (8-bit: 2 B/param, 32-bit: 8 B/param); activations of one kept step = "
            "the update's peak above the loaded model measured on the CPU in bf16 (same size as fp16) "
            "by the memory benchmark, multiplied by the pixel ratio when measured at a smaller size "
-           "(activations grow with pixels; SDPA keeps no attention matrix — for classic attention "
-           "the growth is faster, so the official SDXL figure is a lower bound). CPU peak RSS counts "
+           "(activations grow with pixels; SDPA keeps no attention matrix); for classic attention "
+           "(the official recipe) the attention probability matrices it keeps grow with pixels², so "
+           "they are counted exactly (samples × heads × tokens² × 2 B per self-attention layer) and "
+           "only the rest is scaled. Scaling the whole measured update part also scales its fixed part "
+           "(cross-attention on 77 text tokens, allocator slack), so the scaled figures are upper bounds, "
+           "the more so the larger the factor (× 16 for SDXL). CPU peak RSS counts "
            "allocator slack that CUDA's max-allocated also has in some form; add ~0.5 GB for the CUDA "
            "context to compare with nvidia-smi.\n"]
     for family, target in TARGET_SIZE.items():
@@ -87,6 +116,9 @@ def markdown(results: list[dict]) -> str:
                   ("total", "**total (torch allocated)**"), ("with_context", "+ CUDA context (≈ nvidia-smi)")]
         out.append(report.table(["part"] + names,
                                 [[label] + [report.gb(est[n][key]) for n in names] for key, label in labels]))
+        if "ours" in est and "official" in est:
+            out.append(f"\nEstimated ours / official at {target} px: "
+                       f"**{est['ours']['total'] / est['official']['total']:.2f}×**.")
         if family == "sd1" and "ours" in est:
             total = est["ours"]["total"]
             out.append(f"\nSD 1.5 update, ours as shipped: **≈ {report.gb(total)}** by this estimate "

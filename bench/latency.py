@@ -4,6 +4,9 @@
     nice -n 10 python -m d3po_studio.bench.latency            # embedded model if its weights exist
     python -m d3po_studio.bench.latency --model tiny --clicks 2 --doc /tmp/b.md   # smoke run
 
+Without the embedded weights, "auto" measures the embedded architecture with random weights
+(the same computation; the section says which).
+
 The floor of an update is what it cannot avoid: per trained step one reference forward (LoRA
 off, no graph) and one policy forward + backward, timed directly on the same UNet, batch and
 settings. Everything else (loss, optimizer step, the checkpoint written for undo, the round's
@@ -21,16 +24,38 @@ import torch
 
 from . import report
 
-PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+PROMPTS = ["a red circle", "a blue square on white background", "a large green triangle", "a small yellow circle"]
+MODEL_NOTES = {"embedded-random": " (the embedded model's architecture and sampling settings with random "
+                                  "weights, because its trained weights were not there yet: the same computation)",
+               "tiny": " (the tiny test pipeline: a smoke run, not a figure to quote)"}
 
 
 def open_session(model: str, folder):
-    """A session on the embedded model, or on the tiny pipeline (model="tiny") for smoke runs."""
+    """A session on ``model``: "embedded"; "embedded-random" (the embedded model's architecture and
+    sampling defaults with random weights: the same compute, for when its weights are missing);
+    "tiny" (the tiny test pipeline, for smoke runs); or a model path."""
     from ..core.session import Session
     if model == "tiny":
         from ..core.tiny import tiny_pipeline
         return Session.open(folder, model="tiny-sd1", pipeline=tiny_pipeline("sd1"), steps=10, guidance=4.0)
+    if model == "embedded-random":
+        from ..core.embedded import DEFAULTS
+        return Session.open(folder, model=model, pipeline=_embedded_architecture(folder), **DEFAULTS)
     return Session.open(folder, model=model)
+
+
+def _embedded_architecture(folder):
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ..core.embedded.train import SCHEDULER_CONFIG, build_tokenizer, make_models
+    tokenizer = build_tokenizer(Path(folder) / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        vae, text_encoder, unet = make_models(tokenizer, seed=0)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
 
 
 def embedded_available() -> bool:
@@ -89,7 +114,7 @@ def markdown(result: dict, command: str) -> str:
     return "\n".join([
         "## Latency of a click\n",
         f"Machine: {report.machine()}. Date: {time.strftime('%Y-%m-%d')}. Command: `{command}`.\n",
-        f"Model: `{result['model']}`; {s['steps']} DDIM steps, CFG {s['guidance']} (also in the update), "
+        f"Model: `{result['model']}`{MODEL_NOTES.get(result['model'], '')}; {s['steps']} DDIM steps, CFG {s['guidance']} (also in the update), "
         f"{s['width']}×{s['height']} px, pair of 2 images, all {s['steps']} steps trained; runtime "
         f"{rt['dtype']} weights, {rt['optimizer']}, {rt['attention']}, gradient checkpointing "
         f"{'on' if s['gradient_checkpointing'] else 'off'}; LoRA rank {s['lora_rank']} "
@@ -102,11 +127,12 @@ def markdown(result: dict, command: str) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="auto", help="auto (embedded if present, else tiny), embedded, tiny, or a model path")
+    p.add_argument("--model", default="auto", help="auto (embedded if its weights exist, else embedded-random), "
+                   "embedded, embedded-random, tiny, or a model path")
     p.add_argument("--clicks", type=int, default=7)
     p.add_argument("--doc", default=str(report.DEFAULT_PATH))
     a = p.parse_args(argv)
-    model = a.model if a.model != "auto" else ("embedded" if embedded_available() else "tiny")
+    model = a.model if a.model != "auto" else ("embedded" if embedded_available() else "embedded-random")
     with tempfile.TemporaryDirectory(prefix="d3po-latency-") as folder:
         session = open_session(model, folder)
         try:

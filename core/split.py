@@ -23,7 +23,8 @@ import torch
 from .lora import lora_disabled
 from .loss import d3po_loss
 from .sampling import Trajectory, make_scheduler
-from .update import step_logprobs
+from .errors import ConfigError
+from .update import accumulate_d3po_gradients, pair_slots, step_logprobs
 
 
 def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tuple[int, int]], *,
@@ -60,15 +61,6 @@ def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tu
     return totals
 
 
-def pair_slots(pairs: list[tuple[int, int]], device):
-    """The images in some pair (sorted), and each pair's winner and loser as slots among them."""
-    images = sorted({i for pair in pairs for i in pair})
-    slot = {img: s for s, img in enumerate(images)}
-    w = torch.tensor([slot[a] for a, _ in pairs], device=device)
-    l = torch.tensor([slot[b] for _, b in pairs], device=device)
-    return images, w, l
-
-
 def loss_coefficients(values: torch.Tensor, ref: torch.Tensor, w: torch.Tensor, l: torch.Tensor,
                       beta: float, ratio_clip: float | None, scale: float):
     """∂(scale · L)/∂ℓ_j for each image slot j, and the loss metrics, from log-prob values."""
@@ -76,3 +68,15 @@ def loss_coefficients(values: torch.Tensor, ref: torch.Tensor, w: torch.Tensor, 
     loss, metrics = d3po_loss(logp[w], logp[l], ref[w].float(), ref[l].float(), beta, ratio_clip)
     (grad,) = torch.autograd.grad(loss * scale, logp)
     return grad.tolist(), metrics
+
+
+# Registry of the ways to backpropagate an update (Settings.backward).
+BACKWARDS = {"joint": accumulate_d3po_gradients, "split": accumulate_d3po_gradients_split}
+
+
+def gradient_function(name: str):
+    """The gradient accumulator named by Settings.backward."""
+    try:
+        return BACKWARDS[name]
+    except KeyError:
+        raise ConfigError(f"backward={name!r} is unknown: use one of {sorted(BACKWARDS)}") from None
