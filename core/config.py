@@ -15,6 +15,7 @@ REDUCTIONS = ("sum", "mean")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("auto", "adamw8bit", "adamw")
 ATTENTIONS = ("auto", "xformers", "sdpa")
+BACKWARDS = ("joint", "split")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Settings:
     optimizer: str = "auto"         # auto = bitsandbytes AdamW8bit where it runs, else torch AdamW
     attention: str = "auto"         # auto = xformers on CUDA when importable, else torch SDPA
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more time
+    backward: str = "joint"         # "split": winner and loser backpropagated one at a time (less memory)
     seed: int = 0                   # seeds the LoRA init and the choice of trained steps
     keep_checkpoints: int = 20      # how many past updates `undo` can go back
 
@@ -70,6 +72,7 @@ class Settings:
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"use one of {OPTIMIZERS}")
         _check(self.attention in ATTENTIONS, "attention", self.attention, f"use one of {ATTENTIONS}")
+        _check(self.backward in BACKWARDS, "backward", self.backward, f"use one of {BACKWARDS}")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "use 1 or more")
 
     @classmethod

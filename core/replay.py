@@ -22,7 +22,8 @@ from .loss import pairs_from_best, pairs_from_ranking
 from .runtime import make_optimizer, resolve_runtime
 from .sampling import Trajectory, make_scheduler
 from .storage import SessionFolder, read_tensors
-from .update import accumulate_d3po_gradients, apply_gradients, steps_to_train
+from .split import gradient_function
+from .update import apply_gradients, steps_to_train
 
 log = logging.getLogger("d3po_studio")
 
@@ -98,7 +99,7 @@ def _local_gradients(pipe, folder, chunk, settings: Settings, batch_size: int, d
         scheduler = make_scheduler(pipe, len(traj.timesteps))
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
         steps = steps_to_train(traj, scheduler, s.eta, s.train_fraction, gen)
-        m = accumulate_d3po_gradients(
+        m = gradient_function(s.backward)(
             pipe, traj, pairs, steps=steps, beta=s.beta, guidance=s.guidance if s.guidance_in_update else 1.0,
             eta=s.eta, reduction=s.reduction, ratio_clip=s.ratio_clip, device=device, weight=1.0 / batch_size)
         totals["loss"] += m["loss"] / batch_size

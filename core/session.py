@@ -28,7 +28,8 @@ from .loss import pairs_from_best, pairs_from_ranking
 from .runtime import Runtime, apply_attention, make_optimizer, peak_memory_bytes, resolve_runtime
 from .sampling import Trajectory, decode, make_scheduler, sample_trajectory
 from .storage import SessionFolder, write_tensors, read_tensors
-from .update import Timer, accumulate_d3po_gradients, apply_gradients, steps_to_train
+from .split import gradient_function
+from .update import Timer, apply_gradients, steps_to_train
 
 log = logging.getLogger("d3po_studio")
 
@@ -215,7 +216,7 @@ class Session:
         steps = steps_to_train(traj, scheduler, s.eta, s.train_fraction, gen)
         if not steps:
             raise SessionError("this batch has no stochastic step to train (eta = 0?)")
-        metrics = accumulate_d3po_gradients(
+        metrics = gradient_function(s.backward)(
             self.pipe, traj, pairs, steps=steps, beta=s.beta,
             guidance=s.guidance if s.guidance_in_update else 1.0, eta=s.eta, reduction=s.reduction,
             ratio_clip=s.ratio_clip, device=self.runtime.device, progress=progress)

@@ -52,10 +52,7 @@ def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[in
     """
     unet = pipe.unet
     scheduler = make_scheduler(pipe, len(trajectory.timesteps))
-    images = sorted({i for pair in pairs for i in pair})    # only images in some pair
-    slot = {img: s for s, img in enumerate(images)}
-    w = torch.tensor([slot[a] for a, _ in pairs], device=device)
-    l = torch.tensor([slot[b] for _, b in pairs], device=device)
+    images, w, l = pair_slots(pairs, device)
     totals: dict[str, float] = {}
     kw = dict(guidance=guidance, eta=eta, reduction=reduction, device=device)
     for i, k in enumerate(steps):
@@ -72,6 +69,15 @@ def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[in
         if progress:
             progress(i + 1, len(steps))
     return totals
+
+
+def pair_slots(pairs: list[tuple[int, int]], device):
+    """The images in some pair (sorted), and each pair's winner and loser as slots among them."""
+    images = sorted({i for pair in pairs for i in pair})
+    slot = {img: s for s, img in enumerate(images)}
+    w = torch.tensor([slot[a] for a, _ in pairs], device=device)
+    l = torch.tensor([slot[b] for _, b in pairs], device=device)
+    return images, w, l
 
 
 def apply_gradients(params: list[torch.nn.Parameter], optimizer, grad_clip: float) -> float:
