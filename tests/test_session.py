@@ -230,15 +230,20 @@ def test_sdxl_sample_prefer_export(tmp_path, tiny_sdxl):
 
 
 def test_split_backward_gives_the_joint_update(tmp_path):
-    """Settings.backward="split" (one image's graph at a time) makes the same update."""
-    loras = {}
+    """Settings.backward="split" (one image's graph at a time) computes the same gradient.
+
+    Compared through the update report (loss and the norm of the accumulated gradient, before
+    clipping): LoRA weights after Adam are not comparable, since Adam's first step is
+    lr·sign(g) and float-order noise flips the sign of near-zero gradient elements.
+    tests/test_bench.py compares the gradients element by element.
+    """
+    from d3po_studio.core.split import accumulate_d3po_gradients_split, gradient_function
+    assert gradient_function("split") is accumulate_d3po_gradients_split
+    reports = {}
     for backward in ("joint", "split"):
         s = Session.open(tmp_path / backward, model="tiny", pipeline=tiny_pipeline("sd1"), steps=3,
                          dtype="float32", optimizer="adamw", backward=backward)
-        s.prefer(s.sample("a", n=3, seed=0), best=1)
-        s.prefer(s.sample("a", n=3, seed=1), ranking=[2, 0, 1])
-        loras[backward] = lora_state(s.pipe.unet)
+        reports[backward] = s.prefer(s.sample("a", n=3, seed=0), ranking=[2, 0, 1])
         s.close()
-    for k, v in loras["joint"].items():
-        # Adam divides by sqrt(v): float-order noise in tiny gradients shows at ~1e-6; a step is ~3e-3
-        torch.testing.assert_close(loras["split"][k], v, rtol=1e-3, atol=1e-5)
+    for key in ("loss", "grad_norm", "logratio_winner", "logratio_loser"):
+        assert reports["split"][key] == pytest.approx(reports["joint"][key], rel=1e-4, abs=1e-7), key
