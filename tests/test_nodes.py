@@ -36,9 +36,10 @@ def tiny_folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def plain(tmp_path, tiny_folder):
-    h = host.PlainHost(tmp_path / "comfy")
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory, tiny_folder):
+    """One PlainHost for the module (sessions stay open across tests, as in one ComfyUI process)."""
+    h = host.PlainHost(tmp_path_factory.mktemp("comfy"))
     if tiny_folder is not None:
         (h.root / "diffusers" / tiny_folder.name).symlink_to(tiny_folder, target_is_directory=True)
     host.use(h)
@@ -47,24 +48,42 @@ def plain(tmp_path, tiny_folder):
     host.use(None)
 
 
+@pytest.fixture(scope="module")
+def shared(plain):
+    """A session shared by the tests that do not test loading."""
+    return load(plain, name="shared")
+
+
 def checkpoint_choice(h) -> str:
     """'embedded' when shipped, else the tiny pipeline's folder that the `plain` fixture linked."""
     return "embedded" if EMBEDDED else "diffusers:tiny-sd1"
 
 
+DTYPE, SIZE = "float32", 0       # the model's native size; 2 DDIM steps and no CFG keep CI fast
+
+
 def load(h, name="s1", lr=1e-2):
     out = LoadSession.execute(checkpoint=checkpoint_choice(h), session_name=name, lr=lr, beta=0.1, lora_rank=4,
-                              dtype="float32", optimizer="adamw", gradient_checkpointing=False)
+                              dtype=DTYPE, optimizer="adamw", gradient_checkpointing=False)
     return out.result[0]
 
 
 def sample(session, n=2, seed=0):
     return SampleRound.execute(session=session, prompt="a red circle", negative_prompt="", n=n, seed=seed,
-                               steps=4, guidance=0.0, width=0, height=0).result
+                               steps=2, guidance=1.0, width=SIZE, height=SIZE).result
 
 
 def test_loop_load_sample_pick_update_export_undo(plain):
-    session = load(plain)
+    import torch
+    with torch.inference_mode():          # as ComfyUI runs every node
+        _loop(plain)
+    session = load(plain, name="s1")      # tensors made under inference mode still train outside it
+    _, rnd = sample(session, seed=1)
+    assert json.loads(UpdateLora.execute(pick=registry.Pick(rnd, 1)).result[2])["updates"] == 1
+
+
+def _loop(plain):
+    session = load(plain, name="s1")
     assert session.folder.root == plain.root / "d3po" / "s1"
     from d3po_studio.nodes.session_nodes import model_choices
     assert model_choices(plain)[0] == "embedded"
@@ -96,42 +115,30 @@ def test_loop_load_sample_pick_update_export_undo(plain):
     assert json.loads(info)["updates"] == 0 and session.updates == 0
 
 
-def test_loop_under_inference_mode_as_comfyui_runs_nodes(plain):
-    import torch
-    with torch.inference_mode():
-        session = load(plain)
-        _, rnd = sample(session)
-        pick = PickImage.execute(round=rnd, mode="index", index=0).result[0]
-        assert json.loads(UpdateLora.execute(pick=pick).result[2])["updates"] == 1
-        UndoUpdate.execute(session=session)
-    _, rnd = sample(session, seed=1)
-    assert json.loads(UpdateLora.execute(pick=registry.Pick(rnd, 1)).result[2])["updates"] == 1
-
-
 def test_load_reuses_the_open_session_and_resumes_after_a_settings_change(plain):
-    first = load(plain)
-    assert load(plain) is first                                    # same inputs: same object, no 2nd lock
+    first = load(plain, name="reuse")
+    assert load(plain, name="reuse") is first                                   # same inputs: same object, no 2nd lock
     _, rnd = sample(first)
     UpdateLora.execute(pick=registry.Pick(rnd, 0))
-    again = load(plain, lr=5e-3)                                   # changed setting: reopened from disk
+    again = load(plain, name="reuse", lr=5e-3)                                   # changed setting: reopened from disk
     assert again is not first and again.updates == 1 and again.settings.lr == 5e-3
     with pytest.raises(ConfigError, match="session_name"):
         LoadSession.execute(checkpoint="embedded", session_name="../x", lr=1e-2, beta=0.1, lora_rank=4,
-                            dtype="float32", optimizer="adamw", gradient_checkpointing=False)
+                            dtype=DTYPE, optimizer="adamw", gradient_checkpointing=False)
 
 
-def test_pick_none_logs_without_training(plain):
-    session = load(plain)
+def test_pick_none_logs_without_training(shared):
+    session = shared
     _, rnd = sample(session)
     pick, _, index = PickImage.execute(round=rnd, mode="none", index=0).result
     assert index == -1 and pick.none
     report = json.loads(UpdateLora.execute(pick=pick).result[2])
-    assert report == {"skipped": True, "updates": 0}
+    assert report == {"skipped": True, "updates": session.updates}
     assert session.history()[-1]["status"] == "skipped"
 
 
-def test_pick_index_out_of_range(plain):
-    _, rnd = sample(load(plain))
+def test_pick_index_out_of_range(shared):
+    _, rnd = sample(shared)
     with pytest.raises(ConfigError, match="out of range"):
         PickImage.execute(round=rnd, mode="index", index=5)
 
@@ -171,8 +178,9 @@ def _wait_pending(url, node, timeout=10.0):
 
 
 def _click_pick(h, url, n=2):
-    """Load, sample, and start a click-mode Pick on another thread; returns once it waits."""
-    _, rnd = sample(load(h), n=n)
+    """Sample on the shared session and start a click-mode Pick on another thread; returns
+    once it waits."""
+    _, rnd = sample(load(h, name="shared"), n=n)
     t, box = _run_in_thread(PickImage.execute, round=rnd, mode="click", index=0)
     return t, box, rnd, _wait_pending(url, h.node)
 
@@ -220,11 +228,10 @@ def test_interrupt_stops_the_wait(plain, served):
     assert picks.BOARD.pending() == {}
 
 
-def test_interrupt_stops_sampling(plain):
-    session = load(plain)
+def test_interrupt_stops_sampling(plain, shared):
     plain.interrupt()
     with pytest.raises(host.Interrupted):
-        sample(session)
+        sample(shared)
 
 
 def test_interrupt_during_an_update_waits_for_its_end(plain):
@@ -270,6 +277,19 @@ def test_there_is_a_loop_workflow_with_a_stock_preview_branch():
     assert any(loop <= t and {"CheckpointLoaderSimple", "LoraLoader", "KSampler"} <= t for t in types)
     assert {cls.__name__ for cls in NODES} == {"LoadSession", "SampleRound", "PickImage", "UpdateLora",
                                               "ExportLora", "UndoUpdate"}
+
+
+def test_package_is_a_comfyui_pack_and_imports_without_comfyui():
+    import inspect
+    import subprocess
+    import sys
+
+    import d3po_studio
+    assert inspect.iscoroutinefunction(d3po_studio.comfy_entrypoint)
+    assert (REPO / d3po_studio.WEB_DIRECTORY / "d3po_pick.js").is_file()
+    code = ("import sys, d3po_studio, d3po_studio.nodes; "
+            "assert not any(m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths', 'server') for m in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 # ---------------------------------------------------------------------- ComfyUI-Manager install
