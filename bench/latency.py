@@ -15,6 +15,7 @@ log) is overhead. Writes the "latency" section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -99,7 +100,7 @@ def measure(session, clicks: int = 7, warmup: int = 1) -> dict:
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {"median": med, "rows": rows, "clicks": clicks, "settings": session.settings.to_dict(),
             "runtime": session.runtime.describe(), "model": session.meta["model"],
-            "trainable_parameters": sum(p.numel() for p in session.params)}
+            "trainable_parameters": sum(p.numel() for p in session.params), "threads": torch.get_num_threads()}
 
 
 def markdown(result: dict, command: str) -> str:
@@ -118,7 +119,7 @@ def markdown(result: dict, command: str) -> str:
         f"{s['width']}×{s['height']} px, pair of 2 images, all {s['steps']} steps trained; runtime "
         f"{rt['dtype']} weights, {rt['optimizer']}, {rt['attention']}, gradient checkpointing "
         f"{'on' if s['gradient_checkpointing'] else 'off'}; LoRA rank {s['lora_rank']} "
-        f"({result['trainable_parameters']:,} parameters). Medians over {result['clicks']} clicks after a warm-up "
+        f"({result['trainable_parameters']:,} parameters), {result.get('threads', '?')} torch threads. Medians over {result['clicks']} clicks after a warm-up "
         "click, on shared CPU cores (other jobs running).\n",
         report.table(["step", "median s"], rows),
         f"\nTarget click → next pair ≤ 1.0 s: **{target}** ({m['click_to_next']:.2f} s).",
@@ -139,7 +140,8 @@ def main(argv=None) -> None:
             result = measure(session, a.clicks)
         finally:
             session.close()
-    command = "python -m d3po_studio.bench.latency " + " ".join(argv if argv is not None else sys.argv[1:])
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    command = threads + "python -m d3po_studio.bench.latency " + " ".join(argv if argv is not None else sys.argv[1:])
     report.write_section("latency", markdown(result, command.strip()), a.doc)
     print(report.read_section("latency", a.doc))
 
