@@ -198,13 +198,17 @@ class Session:
             with Timer() as timer:
                 metrics, grad_norm = self._train_step(batch.trajectory, pairs, s, progress)
         except (FloatingPointError, torch.OutOfMemoryError, RuntimeError) as e:
-            if isinstance(e, RuntimeError) and not _is_oom(e):
-                raise
             self._rollback(saved)
-            record.update(status="rolled_back", error=f"{type(e).__name__}: {e}")
-            self.folder.write_round(record)
+            if isinstance(e, RuntimeError) and not _is_oom(e):
+                self._mark(record, "interrupted", e)
+                raise
+            self._mark(record, "rolled_back", e)
             raise UpdateError(f"update rolled back, nothing changed: {e}. The click is kept in the log; "
                               "try a lower learning rate, fewer images or a smaller size") from e
+        except BaseException as e:     # an interrupt (e.g. from the progress callback): undo, re-raise
+            self._rollback(saved)
+            self._mark(record, "interrupted", e)
+            raise
         report = {**metrics, "grad_norm": grad_norm, "seconds": timer.seconds, "pairs": len(pairs),
                   "peak_memory_bytes": peak_memory_bytes(device), "updates": self.updates + 1}
         self._commit(record, report)
@@ -227,6 +231,10 @@ class Session:
         if not all(torch.isfinite(p).all() for p in self.params):
             raise FloatingPointError("the optimizer step made the LoRA non-finite")
         return metrics, grad_norm
+
+    def _mark(self, record: dict, status: str, error: BaseException) -> None:
+        record.update(status=status, error=f"{type(error).__name__}: {error}")
+        self.folder.write_round(record)
 
     def _rollback(self, saved) -> None:
         lora, opt = saved

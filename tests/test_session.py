@@ -247,3 +247,23 @@ def test_split_backward_gives_the_joint_update(tmp_path):
         s.close()
     for key in ("loss", "grad_norm", "logratio_winner", "logratio_loser"):
         assert reports["split"][key] == pytest.approx(reports["joint"][key], rel=1e-4, abs=1e-7), key
+
+
+def test_interrupt_during_update_rolls_back_and_marks_the_round(tiny_session):
+    s = tiny_session
+    lora = lora_state(s.pipe.unet)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(i, total):
+        if i == 2:
+            raise Interrupted("stop")
+
+    with pytest.raises(Interrupted):
+        s.prefer(s.sample("a", seed=0), best=0, progress=interrupt)
+    assert all(p.grad is None for p in s.params)
+    assert all(torch.equal(lora[k], v) for k, v in lora_state(s.pipe.unet).items())
+    assert s.updates == 0 and s.history()[-1]["status"] == "interrupted"
+    s.prefer(s.sample("a", seed=1), best=0)          # and the session goes on
+    assert s.updates == 1
