@@ -27,8 +27,8 @@ class Settings:
     height: int | None = None       # image height in px; None = the model's native size
     width: int | None = None        # image width in px; None = the model's native size
     # --- the D3PO update ----------------------------------------------------
-    beta: float = 0.1               # inverse temperature of the preference loss
-    lr: float = 3e-3                # learning rate of the LoRA optimizer
+    beta: float = 0.3               # inverse temperature of the preference loss (a trust region)
+    lr: float = 1e-2                # learning rate of the LoRA optimizer (docs/settings.md: calibration)
     reduction: str = "sum"          # log-prob over latent elements: "sum" (default) or "mean" (official)
     train_fraction: float = 1.0     # share of the kept steps trained per update (1 = all)
     ratio_clip: float | None = None  # official clamp of exp(log pi - log ref) to [1-c, 1+c]; None = off

@@ -9,7 +9,7 @@ import json
 import re
 from pathlib import Path
 
-from ..core.config import DTYPES, OPTIMIZERS
+from ..core.config import DTYPES, OPTIMIZERS, Settings
 from ..core.errors import ConfigError
 from . import host, registry
 
@@ -71,9 +71,9 @@ class LoadSession:
                 io.String.Input("session_name", default="my-session",
                                 tooltip="Folder name under models/d3po. The same name resumes the session; "
                                         "the LoRA is written to loras/d3po/<session_name>.safetensors."),
-                io.Float.Input("lr", default=3e-3, min=1e-6, max=1.0, step=1e-4,
+                io.Float.Input("lr", default=Settings().lr, min=1e-6, max=1.0, step=1e-4,
                                tooltip="Learning rate of the LoRA optimizer (higher = faster, riskier)."),
-                io.Float.Input("beta", default=0.1, min=1e-4, max=100.0, step=0.01,
+                io.Float.Input("beta", default=Settings().beta, min=1e-4, max=100.0, step=0.01,
                                tooltip="Inverse temperature of the preference loss; larger = smaller steps."),
                 io.Int.Input("lora_rank", default=4, min=1, max=128,
                              tooltip="LoRA rank (fixed after the first update)."),
