@@ -138,7 +138,7 @@ class Session:
                                      guidance=s.guidance, eta=s.eta, height=s.height, width=s.width,
                                      reduction=s.reduction, device=self.runtime.device, progress=progress)
             images = decode(self.pipe, traj.latents[-1].float())
-            batch = Batch(_new_round_id(), prompt, negative_prompt, seed, images, traj,
+            batch = Batch(self.folder.next_round_id(datetime.datetime.now()), prompt, negative_prompt, seed, images, traj,
                           {k: getattr(s, k) for k in SAMPLING_FIELDS})
             self._save_batch(batch)
         return batch
@@ -411,11 +411,6 @@ def _fill_native_size(s: Settings, pipe) -> Settings:
 
 def _is_oom(e: BaseException) -> bool:
     return "out of memory" in str(e).lower()
-
-
-def _new_round_id() -> str:
-    now = datetime.datetime.now()
-    return now.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
 def _now() -> str:

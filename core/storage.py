@@ -6,6 +6,7 @@ Layout (docs/session-format.md):
     HEAD                              {"checkpoint": "000007"}: the state the session is at
     checkpoints/000007/               lora.safetensors, optimizer.pt, meta.json {updates, round, parent}
     rounds/<round id>/round.json      prompt, seed, settings, choice, status, report
+                                      (round id = <6-digit sequence>-<YYYYmmdd>-<HHMMSS>)
     rounds/<round id>/image_<i>.png   the images shown
     rounds/<round id>/trajectory.safetensors   x_T..x_0, t, log-probs, conditioning
 
@@ -28,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from .errors import SessionError
 
 FORMAT_VERSION = 1
-ROUND_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
+ROUND_ID = re.compile(r"^[0-9]{6}-[0-9]{8}-[0-9]{6}$")   # sequence-date-time: sorts in order
 CHECKPOINT_ID = re.compile(r"^[0-9]{6}$")
 
 
@@ -167,6 +168,12 @@ class SessionFolder:
             return []
         return sorted(p.name for p in folder.iterdir()
                       if ROUND_ID.match(p.name) and (p / "round.json").exists())
+
+    def next_round_id(self, now) -> str:
+        """``<sequence>-<YYYYmmdd>-<HHMMSS>``: names sort in the order the rounds were made
+        (the folder lock makes this process the only writer)."""
+        last = max((int(r.split("-")[0]) for r in self.round_ids()), default=0)
+        return f"{last + 1:06d}-{now.strftime('%Y%m%d-%H%M%S')}"
 
     def read_round(self, round_id: str) -> dict:
         return read_json(self.round_dir(round_id) / "round.json")
