@@ -57,7 +57,7 @@ class TrainConfig:
     vae_batch_size: int = 16       # images per optimizer step, autoencoder
     batch_size: int = 16           # images per optimizer step, UNet + text encoder
     vae_steps: int = 800           # optimizer steps of the autoencoder
-    unet_steps: int = 2100         # optimizer steps of UNet + text encoder
+    unet_steps: int = 3800         # optimizer steps of UNet + text encoder (the shipped weights)
     vae_lr: float = 1e-3           # AdamW peak learning rate, autoencoder
     unet_lr: float = 8e-4          # AdamW learning rate (constant after warm-up), UNet + text encoder
     p_uncond: float = 0.1          # share of empty prompts (trains the unconditional branch of CFG)
