@@ -26,10 +26,9 @@ from .errors import ConfigError, SessionError, UpdateError
 from .lora import add_lora, load_lora_state, lora_scaled, lora_state
 from .loss import pairs_from_best, pairs_from_ranking
 from .runtime import Runtime, apply_attention, make_optimizer, peak_memory_bytes, resolve_runtime
-from .sampling import Trajectory, decode, make_scheduler, sample_trajectory
+from .sampling import Trajectory, decode, sample_trajectory
 from .storage import SessionFolder, write_tensors, read_tensors
-from .split import gradient_function
-from .update import Timer, apply_gradients, steps_to_train
+from .update import Timer, train_step
 
 log = logging.getLogger("d3po_studio")
 
@@ -215,22 +214,8 @@ class Session:
         return report
 
     def _train_step(self, traj: Trajectory, pairs, s: Settings, progress):
-        scheduler = make_scheduler(self.pipe, len(traj.timesteps))
-        gen = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + self.updates)
-        steps = steps_to_train(traj, scheduler, s.eta, s.train_fraction, gen)
-        if not steps:
-            raise SessionError("this batch has no stochastic step to train (eta = 0?)")
-        metrics = gradient_function(s.backward)(
-            self.pipe, traj, pairs, steps=steps, beta=s.beta,
-            guidance=s.guidance if s.guidance_in_update else 1.0, eta=s.eta, reduction=s.reduction,
-            ratio_clip=s.ratio_clip, device=self.runtime.device, progress=progress)
-        if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"non-finite loss ({metrics['loss']})")
-        grad_norm = apply_gradients(self.params, self.optimizer, s.grad_clip)
-        if not all(torch.isfinite(p).all() for p in self.params):
-            raise FloatingPointError("the optimizer step made the LoRA non-finite")
-        return metrics, grad_norm
+        return train_step(self.pipe, traj, pairs, s, self.params, self.optimizer,
+                          device=self.runtime.device, update_index=self.updates, progress=progress)
 
     def _mark(self, record: dict, status: str, error: BaseException) -> None:
         record.update(status=status, error=f"{type(error).__name__}: {error}")

@@ -96,6 +96,33 @@ def apply_gradients(params: list[torch.nn.Parameter], optimizer, grad_clip: floa
     return norm
 
 
+def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, update_index: int,
+               progress=None) -> tuple[dict[str, float], float]:
+    """One whole update for one click: gradients of the objective, checks, optimizer step.
+
+    Raises FloatingPointError (nothing stepped) on a non-finite loss or gradient, SessionError
+    when the batch has no stochastic step. Returns ``(metrics, gradient norm)``.
+    """
+    from .errors import SessionError
+    from .split import gradient_function
+    scheduler = make_scheduler(pipe, len(traj.timesteps))
+    gen = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
+    steps = steps_to_train(traj, scheduler, s.eta, s.train_fraction, gen)
+    if not steps:
+        raise SessionError("this batch has no stochastic step to train (eta = 0?)")
+    metrics = gradient_function(s.backward)(
+        pipe, traj, pairs, steps=steps, beta=s.beta,
+        guidance=s.guidance if s.guidance_in_update else 1.0, eta=s.eta, reduction=s.reduction,
+        ratio_clip=s.ratio_clip, device=device, progress=progress)
+    if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"non-finite loss ({metrics['loss']})")
+    grad_norm = apply_gradients(params, optimizer, s.grad_clip)
+    if not all(torch.isfinite(p).all() for p in params):
+        raise FloatingPointError("the optimizer step made the LoRA non-finite")
+    return metrics, grad_norm
+
+
 class Timer:
     def __enter__(self):
         self.start = time.perf_counter()
