@@ -22,15 +22,17 @@ Formats (`EXPORT_FORMATS`):
   the LoraConfig; older readers ignore it and use alpha = rank (scale 1).
 
 The header also carries our provenance (`d3po_studio.*`: method, base model and hash, rank,
-alpha, preferences, family, settings JSON) and the kohya-conventional `ss_*` fields.
-Files are written atomically: temp file in the same folder, fsync, `os.replace`.
+alpha, preferences, family, settings JSON) and the kohya-conventional `ss_*` fields. A LoRA of
+the embedded model (base_model "embedded") is labelled as such, never as SD 1.x
+(`architecture_labels`). Files are written atomically (temp file in the same folder, fsync,
+`os.replace`) with the usual permissions: 0666 less the umask, 0644 under umask 022.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +54,12 @@ _COMPOUND_NAMES = sorted((
 _BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 # modelspec architecture ids (SD 2 is left out: 512-epsilon and 768-v have different ids)
 _MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+# The embedded model (base_model "embedded") has SD 1.x key names but other shapes: its LoRA
+# must not claim to be for SD 1.x, or tools offer it for SD 1.5 checkpoints, where it fails.
+EMBEDDED_BASE_MODEL = "embedded"
+_EMBEDDED_LABELS = {"ss_base_model_version": "d3po_studio_embedded",
+                    "modelspec.architecture": "d3po-studio-embedded/lora"}
+EXPORT_FILE_MODE = 0o666   # before the umask: 0644 under the usual umask 022, like any file a user writes
 
 
 def export_lora(lora_state: dict[str, torch.Tensor], path: str | Path, format: str, *, rank: int, alpha: float,
@@ -189,18 +197,28 @@ def _provenance_header(format, rank, alpha, family, metadata) -> dict[str, str]:
         "d3po_studio.alpha": str(float(alpha)),
         "d3po_studio.num_preferences": str(metadata.get("num_preferences", "")),
         "d3po_studio.settings": settings,
-        "ss_base_model_version": _BASE_MODEL_VERSION[family],
         "ss_sd_model_name": base_model,
         "ss_training_comment": "D3PO (direct preference optimisation from human clicks), D3PO Studio",
     }
+    return {**header, **architecture_labels(family, base_model)}
+
+
+def architecture_labels(family: str, base_model: str) -> dict[str, str]:
+    """The header fields that say which base model a LoRA is for (kohya's and modelspec's)."""
+    if base_model == EMBEDDED_BASE_MODEL:
+        return dict(_EMBEDDED_LABELS)
+    labels = {"ss_base_model_version": _BASE_MODEL_VERSION[family]}
     if family in _MODELSPEC_ARCH:
-        header["modelspec.architecture"] = _MODELSPEC_ARCH[family]
-    return header
+        labels["modelspec.architecture"] = _MODELSPEC_ARCH[family]
+    return labels
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, fsync, os.replace. Mode EXPORT_FILE_MODE less the umask
+    (tempfile.mkstemp would make it 0600: unreadable to another user sharing models/)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), EXPORT_FILE_MODE)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -207,3 +207,36 @@ def test_bad_arguments(tmp_path, trained, kwargs, message):
     with pytest.raises(ConfigError, match=message):
         export_lora(args.pop("lora_state"), path, args.pop("format"), **args)
     assert not any(tmp_path.iterdir())
+
+
+def test_embedded_model_lora_is_not_labelled_sd1(tmp_path, trained):
+    """The embedded model has SD 1.x key names, not SD 1.x shapes: its header must not say sd_v1."""
+    _, state, _, _ = trained
+    path = export_lora(state, tmp_path / "e.safetensors", "kohya", rank=RANK, alpha=ALPHA, family="sd1",
+                       metadata={**META, "base_model": "embedded"})
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    assert header["ss_base_model_version"] == "d3po_studio_embedded"
+    assert header["modelspec.architecture"] == "d3po-studio-embedded/lora"
+    assert "sd_v1" not in header.values() and "stable-diffusion-v1/lora" not in header.values()
+    real = export_lora(state, tmp_path / "r.safetensors", "kohya", rank=RANK, alpha=ALPHA, family="sd1",
+                       metadata=META)
+    with safe_open(str(real), "pt") as f:
+        assert (f.metadata()["ss_base_model_version"], f.metadata()["modelspec.architecture"]) == \
+            ("sd_v1", "stable-diffusion-v1/lora")
+
+
+def test_exported_file_has_the_usual_permissions(tmp_path, trained):
+    """0666 less the umask (0644 under 022), not mkstemp's 0600: others sharing models/ can read it."""
+    import os
+    _, state, _, _ = trained
+    old = os.umask(0o022)
+    try:
+        path = export_lora(state, tmp_path / "m.safetensors", "kohya", rank=RANK, alpha=ALPHA, family="sd1",
+                           metadata=META)
+        assert path.stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)                       # a private umask is honoured, not overridden
+        export_lora(state, path, "kohya", rank=RANK, alpha=ALPHA, family="sd1", metadata=META)
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
