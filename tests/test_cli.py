@@ -52,3 +52,68 @@ def test_export_and_sample(session_on_disk, tmp_path, capsys):
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "not a session folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--prompt", "a red circle", "--out", "x", "--n", "0"], "--n '0' is out of range"),
+    (["sample", "--prompt", "a red circle", "--out", "x", "--seed", str(2**64)], "seed '18446744073709551616' is out"),
+    (["sample", "--prompt", "a red circle", "--out", "x", "--seed", "1e30"], "seed '1e30' is out of range"),
+    (["sample", "--prompt", "a red circle", "--out", "x", "--seed", ""], "seed is empty"),
+    (["sample", "--prompt", "a red circle", "--out", "x", "--scale", "nan"], "--scale 'nan' is out of range"),
+    (["sample", "--prompt", "a red circle", "--out", "x", "--scale", "inf"], "--scale 'inf' is out of range"),
+    (["simulate", "--oracle", "brighter", "--n", "1"], "--n '1' is out of range: use a whole number from 2"),
+    (["train", "s", "--epochs", "0"], "--epochs '0' is out of range"),
+])
+def test_bad_numbers_are_usage_messages(argv, message, tmp_path, monkeypatch, capsys):
+    """Issue 11 item 11: checked before any model loads; argparse's usage error, rc 2, no traceback."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())                       # nothing written
+
+
+def test_a_damaged_checkpoint_is_a_message(session_on_disk, tmp_path, capsys):
+    """`info` on a session whose optimizer.pt was cut short names the file and what to do."""
+    folder = tmp_path / "session"
+    shutil.copytree(session_on_disk / "session", folder)
+    (ckpt,) = (folder / "checkpoints").iterdir()
+    data = (ckpt / "optimizer.pt").read_bytes()
+    (ckpt / "optimizer.pt").write_bytes(data[:len(data) // 2])
+    (folder / ".lock").unlink(missing_ok=True)
+    assert main(["info", "--session", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpt.name}" in err and "optimizer.pt cannot be read" in err and "Restore it" in err
+
+
+def test_sample_without_a_session_leaves_no_folder_behind(session_on_disk, tmp_path, monkeypatch, capsys):
+    import tempfile
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert main(["sample", "--model", str(session_on_disk / "model"), "--prompt", "a red circle", "--n", "1",
+                 "--seed", "4294967295", "--out", str(tmp_path / "imgs")]) == 0
+    assert [p.name for p in (tmp_path / "imgs").iterdir()] == ["4294967295_0.png"]
+    assert not list(scratch.iterdir())                        # the temporary session is gone
+
+
+def test_simulate_and_train_show_progress_and_write_under_home(session_on_disk, tmp_path, monkeypatch, capsys):
+    """Issue 11 items 10 and 12: a progress bar with the time left; default folders under
+    $D3PO_HOME, nothing in the current directory."""
+    cwd, home = tmp_path / "cwd", tmp_path / "home"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("D3PO_HOME", str(home))
+    assert main(["simulate", "--oracle", "brighter", "--rounds", "2", "--eval-pairs", "2",
+                 "--model", str(session_on_disk / "model")]) == 0
+    err = capsys.readouterr().err
+    assert "simulated clicks ('brighter' oracle" in err and "2/2" in err and "<00:00" in err
+    (run,) = (home / "simulations").iterdir()
+    assert run.name.startswith("brighter-") and (run / "report.json").is_file()
+    assert not list(cwd.iterdir())
+
+    assert main(["train", str(run / "session"), "--out", str(tmp_path / "replay.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert "replay training (optimizer steps)" in err and "2/2" in err
+    assert not list(cwd.iterdir())
