@@ -19,3 +19,7 @@ class SessionError(D3POError):
 
 class UpdateError(D3POError):
     """An update was rolled back (NaN/inf loss or gradient, out of memory)."""
+
+
+class Cancelled(SessionError):
+    """A queued or running update was cancelled (``close(cancel=True)``); nothing was trained."""

@@ -10,6 +10,7 @@ the session folder, and turns clicks into D3PO updates.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import fcntl
@@ -22,13 +23,16 @@ from pathlib import Path
 import torch
 
 from .config import FIXED_AFTER_FIRST_UPDATE, SAMPLING_FIELDS, Settings
-from .errors import ConfigError, SessionError, UpdateError
-from .lora import add_lora, load_lora_state, lora_scaled, lora_state
+from .errors import Cancelled, ConfigError, SessionError, UpdateError
+from .lora import activate, add_lora, load_lora_state, lora_scaled, lora_state
 from .loss import pairs_from_best, pairs_from_ranking
+from .pool import POOL, SharedPipeline
+from .recovery import open_head, settle_rounds
 from .runtime import Runtime, apply_attention, make_optimizer, peak_memory_bytes, resolve_runtime
 from .sampling import Trajectory, decode, sample_trajectory
-from .storage import SessionFolder, write_tensors, read_tensors
+from .storage import SessionFolder, read_tensors, write_tensors
 from .update import Timer, train_step
+from .worker import UpdateWorker
 
 log = logging.getLogger("d3po_studio")
 
@@ -50,34 +54,50 @@ class Batch:
 
 
 class Session:
-    """State of one steering session. Use ``Session.open``; all methods are thread-safe."""
+    """State of one steering session. Use ``Session.open``; all methods are thread-safe.
 
-    def __init__(self, folder: SessionFolder, pipe, settings: Settings, runtime: Runtime, meta: dict):
-        self.folder = folder
-        self.pipe = pipe
-        self.settings = settings
-        self.runtime = runtime
-        self.meta = meta
-        self._lock = threading.RLock()
-        self.params = add_lora(pipe.unet, settings.lora_rank, settings.lora_alpha,
-                               settings.lora_targets, settings.seed)
-        self.optimizer = make_optimizer(runtime.optimizer, self.params, settings.lr, settings.weight_decay)
-        if settings.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-        self._fresh = (lora_state(pipe.unet), copy.deepcopy(self.optimizer.state_dict()))
-        self.head: str | None = None
-        self.updates = 0
-        self._restore(folder.head())
-        self._repair_rounds()
+    Lifecycle: open → closing → closed (``close``). Clicks are trained by the session's update
+    worker (core/worker.py), one at a time in click order; the pipeline may be shared with other
+    sessions on the same model (core/pool.py), each session being its own LoRA adapter on it.
+    """
+
+    def __init__(self, folder: SessionFolder, shared: SharedPipeline, adapter: str, settings: Settings,
+                 runtime: Runtime, meta: dict):
+        self.folder, self._shared, self.adapter = folder, shared, adapter
+        self.settings, self.runtime, self.meta = settings, runtime, meta
+        self._lock = threading.RLock()          # session state and folder writes (short)
+        self._close_lock = threading.Lock()
+        self._state = "open"
+        self._worker = UpdateWorker(name=f"d3po-updates-{folder.root.name}")
+        self.notes: list[str] = []              # what reopening a damaged folder did, in words
+        with shared.lock:
+            self.params = add_lora(shared.pipe.unet, settings.lora_rank, settings.lora_alpha,
+                                   settings.lora_targets, settings.seed, adapter=adapter)
+            self.optimizer = make_optimizer(runtime.optimizer, self.params, settings.lr, settings.weight_decay)
+            self._fresh = _State(lora_state(shared.pipe.unet, adapter), copy.deepcopy(self.optimizer.state_dict()), 0)
+            self.head, self.updates = None, 0
+            name, state, notes, damaged = open_head(folder, self._read_state)
+            self._load_state(state)
+            self.head, self.updates = name, state.updates
+            if notes and folder.head_state() != (name, None):
+                folder.set_head(name)
+        for note in notes + settle_rounds(folder, self.head, damaged):
+            self._note(note)
+
+    @property
+    def pipe(self):
+        """The diffusers pipeline (shared with the other sessions on the same model)."""
+        return self._shared.pipe
 
     # ------------------------------------------------------------------ open
     @classmethod
-    def open(cls, folder, model: str = "embedded", pipeline=None, **settings) -> "Session":
+    def open(cls, folder, model: str | None = None, pipeline=None, **settings) -> "Session":
         """Create a session in ``folder``, or resume the one there.
 
-        ``model``: "embedded", a diffusers folder, a .safetensors checkpoint or a hub id.
-        ``pipeline``: an already loaded diffusers pipeline to use instead of loading ``model``
-        (``model`` then only names it). ``settings``: fields of ``Settings``.
+        ``model``: "embedded", a diffusers folder, a .safetensors checkpoint or a hub id; None =
+        the folder's model when resuming, "embedded" for a new folder. ``pipeline``: an already
+        loaded diffusers pipeline to use instead of loading ``model`` (``model`` then only names
+        it). ``settings``: fields of ``Settings``.
         """
         from .loading import load_pipeline, model_family, model_fingerprint
         sf = SessionFolder(folder)
@@ -85,33 +105,56 @@ class Session:
         lock = _lock_folder(sf.root)
         try:
             meta = sf.read_meta() if sf.exists() else None
+            model = model if model is not None else (meta["model"] if meta else "embedded")
             fingerprint = model_fingerprint(model) if pipeline is None else f"given:{model}"
             if meta is not None:
                 _check_same_model(meta, model, fingerprint, sf)
-                resolved = _merge_settings(meta, settings, has_updates=sf.head() is not None)
+                resolved = _merge_settings(meta, settings, has_updates=_has_updates(sf))
             else:
                 resolved = Settings.from_dict({**_model_defaults(model), **settings})
             runtime = resolve_runtime(resolved.device, resolved.dtype, resolved.optimizer, resolved.attention)
-            pipe = pipeline if pipeline is not None else load_pipeline(
-                model, torch_dtype=runtime.dtype, device=str(runtime.device))
-            pipe = prepare_pipeline(pipe, runtime)
-            resolved = _fill_native_size(resolved, pipe)
-            meta = {**(meta or {"created": _now()}), "model": model, "model_fingerprint": fingerprint,
-                    "family": model_family(pipe), "settings": resolved.to_dict()}
-            sf.write_meta(meta)
-            session = cls(sf, pipe, resolved, runtime, meta)
+            key = ("given", id(pipeline)) if pipeline is not None else \
+                ("model", fingerprint, str(runtime.device), str(runtime.dtype), runtime.attention)
+            shared, adapter = POOL.acquire(key, lambda: prepare_pipeline(pipeline if pipeline is not None else
+                                                                         load_pipeline(model, torch_dtype=runtime.dtype,
+                                                                                       device=str(runtime.device)),
+                                                                         runtime),
+                                           (str(runtime.device), str(runtime.dtype)))
+            try:
+                resolved = _fill_native_size(resolved, shared.pipe)
+                meta = {**(meta or {"created": _now()}), "model": model, "model_fingerprint": fingerprint,
+                        "family": model_family(shared.pipe), "settings": resolved.to_dict()}
+                sf.write_meta(meta)
+                session = cls(sf, shared, adapter, resolved, runtime, meta)
+            except BaseException:
+                POOL.release(shared, adapter)
+                raise
         except BaseException:
             lock.close()
             raise
         session._lock_file = lock
+        session.open_arguments = {"model": model, "pipeline": pipeline, **settings}
         return session
 
-    def close(self) -> None:
-        """Release the folder lock (the session object must not be used afterwards)."""
-        lock = getattr(self, "_lock_file", None)
-        if lock is not None:
-            lock.close()
-            self._lock_file = None
+    def close(self, cancel: bool = False) -> None:
+        """Finish the queued and running updates (``cancel=True``: cancel them, rolling back the
+        running one), free this session's LoRA and release the folder lock. Every later call on
+        this object raises SessionError; calling ``close`` again does nothing."""
+        with self._close_lock:
+            with self._lock:
+                if self._state == "closed":
+                    return
+                self._state = "closing"          # no new click is queued from here on
+            try:
+                self._worker.stop(cancel=cancel)
+            finally:
+                POOL.release(self._shared, self.adapter)
+                self._lock_file.close()
+                self._state = "closed"
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
 
     def __enter__(self):
         return self
@@ -119,10 +162,29 @@ class Session:
     def __exit__(self, *exc):
         self.close()
 
+    def _check_open(self) -> None:
+        if self._state != "open":
+            raise SessionError(f"this Session of {self.folder.root} is {self._state}: open the folder again "
+                               "with Session.open(folder)")
+
+    @contextlib.contextmanager
+    def _use_pipe(self):
+        """Hold the shared pipeline with this session's LoRA the only active one."""
+        with self._shared.lock:
+            unet = self.pipe.unet
+            activate(unet, self.adapter, self.params)
+            if self.settings.gradient_checkpointing != unet.is_gradient_checkpointing:
+                (unet.enable_gradient_checkpointing if self.settings.gradient_checkpointing
+                 else unet.disable_gradient_checkpointing)()
+            yield self.pipe
+
     # ---------------------------------------------------------------- sample
     def sample(self, prompt: str, n: int = 2, seed: int | None = None, negative_prompt: str = "",
                progress=None, **sampling) -> Batch:
-        """Sample n ≥ 2 images of ``prompt`` from one shared x_T; saved before they are returned."""
+        """Sample n ≥ 2 images of ``prompt`` from one shared x_T; saved before they are returned.
+
+        Runs before any update queued with ``prefer(wait=False)`` that has not started yet."""
+        self._check_open()
         if not isinstance(n, int) or n < 2:
             raise ConfigError(f"n={n!r}: a preference needs at least 2 images; use n=2 or more")
         if not isinstance(prompt, str):
@@ -132,14 +194,15 @@ class Session:
             raise ConfigError(f"unknown sampling option(s) {sorted(unknown)}; use {list(SAMPLING_FIELDS)}")
         s = self.settings.replace(**sampling)
         seed = secrets.randbelow(2**31) if seed is None else int(seed)
-        with self._lock, torch.no_grad():
-            traj = sample_trajectory(self.pipe, prompt, negative_prompt, n, seed, steps=s.steps,
+        with self._worker.sampling(), self._use_pipe() as pipe, torch.no_grad():
+            traj = sample_trajectory(pipe, prompt, negative_prompt, n, seed, steps=s.steps,
                                      guidance=s.guidance, eta=s.eta, height=s.height, width=s.width,
                                      reduction=s.reduction, device=self.runtime.device, progress=progress)
-            images = decode(self.pipe, traj.latents[-1].float())
-            batch = Batch(self.folder.next_round_id(datetime.datetime.now()), prompt, negative_prompt, seed, images, traj,
-                          {k: getattr(s, k) for k in SAMPLING_FIELDS})
-            self._save_batch(batch)
+            images = decode(pipe, traj.latents[-1].float())
+            with self._lock:
+                batch = Batch(self.folder.next_round_id(datetime.datetime.now()), prompt, negative_prompt, seed,
+                              images, traj, {k: getattr(s, k) for k in SAMPLING_FIELDS})
+                self._save_batch(batch)
         return batch
 
     def _save_batch(self, batch: Batch) -> None:
@@ -154,6 +217,10 @@ class Session:
 
     def batch(self, round_id: str) -> Batch:
         """Reload a sampled batch from the session folder by its id."""
+        self._check_open()
+        return self._load_batch(round_id)
+
+    def _load_batch(self, round_id: str) -> Batch:
         from PIL import Image
         rec = self.folder.read_round(round_id)
         rdir = self.folder.round_dir(round_id)
@@ -163,21 +230,25 @@ class Session:
 
     # ---------------------------------------------------------------- prefer
     def prefer(self, batch, best: int | None = None, ranking: list[int] | None = None,
-               none: bool = False, progress=None) -> dict:
-        """Record a preference and run one D3PO update. Returns the update report.
+               none: bool = False, progress=None, wait: bool = True) -> dict:
+        """Record a preference and train one D3PO update on it. Returns the update report.
 
         ``best``: the picked image beats each other one. ``ranking``: all images, best first.
         ``none=True``: "none is good" — logged, nothing is trained.
-        A NaN/inf loss or gradient, or running out of memory, rolls the LoRA and optimizer
-        back, keeps the click in the log, and raises UpdateError.
+        The click is on disk before this returns. ``wait=False``: the update is queued behind
+        earlier ones and this returns at once ``{"queued": True, "round": id, "position": k}``
+        (see ``pending``, ``wait``). A NaN/inf loss or gradient, or running out of memory, rolls
+        the LoRA and optimizer back, keeps the click in the log, and raises UpdateError (with
+        ``wait=False``: reported by ``wait``).
         """
+        self._check_open()
         with self._lock:
-            if isinstance(batch, str):
-                batch = self.batch(batch)
-            record = self.folder.read_round(batch.id)
-            choice, pairs = _choice(batch.n, best, ranking, none)
+            self._check_open()
+            rid = batch if isinstance(batch, str) else batch.id
+            record = self.folder.read_round(rid)
+            choice, pairs = _choice(record["n"], best, ranking, none)
             if record["status"] not in ("shown",):
-                raise SessionError(f"round {batch.id} already has a preference ({record['status']}); "
+                raise SessionError(f"round {rid} already has a preference ({record['status']}); "
                                    "sample a new batch")
             record.update(choice=choice, status="pending", chosen=_now())
             self.folder.write_round(record)    # the click is on disk before any training
@@ -185,28 +256,55 @@ class Session:
                 record.update(status="skipped", report={"skipped": True, "updates": self.updates})
                 self.folder.write_round(record)
                 return record["report"]
-            return self._update(batch, pairs, record, progress)
+            job, position = self._worker.submit(
+                rid, lambda p: self._run_update(batch, pairs, rid, _chained(p, progress)),
+                grace=not wait, direct=wait, on_cancel=self._cancelled)
+        if not wait:
+            return {"queued": True, "round": rid, "position": position}
+        return job.result()
 
-    def _update(self, batch: Batch, pairs, record: dict, progress) -> dict:
-        s = self.settings.replace(**batch.sampling)
-        saved = (lora_state(self.pipe.unet), copy.deepcopy(self.optimizer.state_dict()))
+    def pending(self) -> dict:
+        """``{"queued", "running", "step", "total", "updates"}``: updates waiting, the round being
+        trained (or None), its progress, and the updates applied so far. Cheap; never blocks on
+        an update."""
+        self._check_open()
+        return {**self._worker.pending(), "updates": self.updates}
+
+    def wait(self, timeout: float | None = None) -> list[dict]:
+        """Block until no update is queued or running; the reports of the updates queued with
+        ``wait=False`` that finished since the previous ``wait`` (``{"round", …report}``, or
+        ``{"round", "error"}`` for one that failed). TimeoutError after ``timeout`` seconds."""
+        self._check_open()
+        return self._worker.wait(timeout)
+
+    def _run_update(self, batch, pairs, rid: str, progress) -> dict:
+        """The worker's job for one click: train it under the pipeline lock, commit it."""
+        with self._use_pipe():
+            if isinstance(batch, str):
+                batch = self._load_batch(batch)
+            traj = Trajectory.from_tensors({k: v.clone() for k, v in batch.trajectory.to_tensors().items()})
+            return self._update(batch.sampling, traj, pairs, self.folder.read_round(rid), progress)
+
+    def _update(self, sampling: dict, traj: Trajectory, pairs, record: dict, progress) -> dict:
+        s = self.settings.replace(**sampling)
+        saved = self._snapshot()
         device = self.runtime.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         try:
             with Timer() as timer:
-                metrics, grad_norm = self._train_step(batch.trajectory, pairs, s, progress)
+                metrics, grad_norm = self._train_step(traj, pairs, s, progress)
         except (FloatingPointError, torch.OutOfMemoryError, RuntimeError) as e:
-            self._rollback(saved)
+            self._load_state(saved)
             if isinstance(e, RuntimeError) and not _is_oom(e):
                 self._mark(record, "interrupted", e)
                 raise
             self._mark(record, "rolled_back", e)
             raise UpdateError(f"update rolled back, nothing changed: {e}. The click is kept in the log; "
                               "try a lower learning rate, fewer images or a smaller size") from e
-        except BaseException as e:     # an interrupt (e.g. from the progress callback): undo, re-raise
-            self._rollback(saved)
-            self._mark(record, "interrupted", e)
+        except BaseException as e:     # an interrupt or a cancel (from the progress callback): undo
+            self._load_state(saved)
+            self._mark(record, "cancelled" if isinstance(e, Cancelled) else "interrupted", e)
             raise
         report = {**metrics, "grad_norm": grad_norm, "seconds": timer.seconds, "pairs": len(pairs),
                   "peak_memory_bytes": peak_memory_bytes(device), "updates": self.updates + 1}
@@ -219,73 +317,112 @@ class Session:
 
     def _mark(self, record: dict, status: str, error: BaseException) -> None:
         record.update(status=status, error=f"{type(error).__name__}: {error}")
-        self.folder.write_round(record)
+        with self._lock:
+            self.folder.write_round(record)
 
-    def _rollback(self, saved) -> None:
-        lora, opt = saved
-        self.optimizer.zero_grad(set_to_none=True)
-        load_lora_state(self.pipe.unet, lora)
-        self.optimizer.load_state_dict(opt)
+    def _cancelled(self, job) -> None:
+        with self._lock:
+            self._mark(self.folder.read_round(job.round), "cancelled", job.error)
 
     def _commit(self, record: dict, report: dict) -> None:
-        name = self.folder.write_checkpoint(
-            lora_state(self.pipe.unet), self.optimizer.state_dict(),
-            {"updates": self.updates + 1, "round": record["id"], "parent": self.head})
-        self.folder.set_head(name)       # the update is now complete on disk
-        self.head, self.updates = name, self.updates + 1
-        record.update(status="applied", report=report, checkpoint=name)
-        self.folder.write_round(record)
-        self.folder.prune_checkpoints(self._kept_checkpoints())
+        with self._lock:
+            name = self.folder.write_checkpoint(
+                lora_state(self.pipe.unet, self.adapter), self.optimizer.state_dict(),
+                {"updates": self.updates + 1, "round": record["id"], "parent": self.head})
+            self.folder.set_head(name)       # the update is now complete on disk
+            self.head, self.updates = name, self.updates + 1
+            record.update(status="applied", report=report, checkpoint=name)
+            self.folder.write_round(record)
+            self._prune()
 
-    def _kept_checkpoints(self) -> set[str]:
-        keep, name = set(), self.head
-        while name is not None and len(keep) < self.settings.keep_checkpoints:
-            keep.add(name)
-            name = self.folder.checkpoint_meta(name).get("parent")
-        return keep
+    def _prune(self) -> None:
+        """Keep the newest ``keep_checkpoints`` of HEAD's chain; a round whose checkpoint goes
+        says so (``checkpoint_pruned``) before the folder is deleted."""
+        def note_in_round(name: str) -> None:
+            try:
+                record = self.folder.read_round(self.folder.checkpoint_meta(name)["round"])
+            except (SessionError, KeyError):
+                return
+            if record.get("checkpoint") == name:
+                self.folder.write_round({**record, "checkpoint_pruned": True})
+        keep = set(self.folder.chain(self.head)[:self.settings.keep_checkpoints])
+        self.folder.prune_checkpoints(keep, before_remove=note_in_round)
 
     # ------------------------------------------------------------------ undo
     def undo(self) -> dict:
-        """Go back to the LoRA and optimizer state before the last update (bit-exact)."""
-        with self._lock:
+        """Go back to the LoRA and optimizer state before the last update (bit-exact).
+
+        Waits for queued updates first (undo takes back the last click). The parent checkpoint
+        is read and loaded before HEAD moves: if it is damaged, nothing changes."""
+        self._check_open()
+        self._worker.join()
+        with self._use_pipe(), self._lock:
             if self.head is None:
                 raise SessionError("nothing to undo: no update has been applied in this session")
             meta = self.folder.checkpoint_meta(self.head)
             parent = meta.get("parent")
-            if parent is not None and not (self.folder.root / "checkpoints" / parent).exists():
+            if parent is not None and parent not in self.folder.checkpoint_names():
                 raise SessionError(f"cannot undo further than {self.settings.keep_checkpoints} updates "
                                    "(keep_checkpoints)")
-            self.folder.set_head(parent)
-            self._restore(parent)
-            record = self.folder.read_round(meta["round"])
-            record.update(status="undone", undone=_now())
-            self.folder.write_round(record)
+            try:
+                state = self._read_state(parent)
+            except SessionError as e:
+                raise SessionError(f"cannot undo: {e}. Nothing changed: the session stays at update "
+                                   f"{self.updates}") from e
+            saved = self._snapshot()
+            self._load_state(state)
+            try:
+                self.folder.set_head(parent)     # last: HEAD moves only to a loaded state
+            except BaseException:
+                self._load_state(saved)
+                raise
+            self.head, self.updates = parent, state.updates
+            self._mark_undone(meta["round"])
             return {"updates": self.updates, "undone_round": meta["round"]}
 
-    def _restore(self, name: str | None) -> None:
-        """Load checkpoint ``name`` (None = the fresh LoRA) into the UNet and optimizer."""
-        if name is None:
-            lora, opt, updates = self._fresh[0], copy.deepcopy(self._fresh[1]), 0
-        else:
-            lora, opt, meta = self.folder.read_checkpoint(name)
-            updates = meta["updates"]
-        self.optimizer.zero_grad(set_to_none=True)
-        load_lora_state(self.pipe.unet, lora)
-        self.optimizer.load_state_dict(opt)
-        self.head, self.updates = name, updates
+    def _mark_undone(self, round_id: str) -> None:
+        try:
+            record = self.folder.read_round(round_id)
+        except SessionError as e:
+            self._note(f"round {round_id} was undone, but its record is unreadable ({e})")
+            return
+        self.folder.write_round({**record, "status": "undone", "undone": _now()})
 
-    def _repair_rounds(self) -> None:
-        """A process killed mid-update leaves its round 'pending': settle it from HEAD."""
-        for rid in self.folder.round_ids():
-            rec = self.folder.read_round(rid)
-            if rec["status"] != "pending":
-                continue
-            applied = self.head is not None and self.folder.checkpoint_meta(self.head).get("round") == rid
-            rec["status"] = "applied" if applied else "interrupted"
-            self.folder.write_round(rec)
+    def _read_state(self, name: str | None) -> "_State":
+        """Checkpoint ``name`` (None = the fresh LoRA) read from disk, not yet loaded. A damaged
+        LoRA raises SessionError naming the file; a damaged optimizer file costs a fresh optimizer
+        state, said in the state's note."""
+        if name is None:
+            return _State(self._fresh.lora, copy.deepcopy(self._fresh.optimizer), 0)
+        lora = self.folder.read_lora(name)
+        if {k: v.shape for k, v in lora.items()} != {k: v.shape for k, v in self._fresh.lora.items()}:
+            raise SessionError(f"{self.folder.root / 'checkpoints' / name / 'lora.safetensors'} does not match "
+                               "this session's LoRA shape (rank or targets differ)")
+        updates = self.folder.checkpoint_meta(name)["updates"]
+        try:
+            return _State(lora, self.folder.read_optimizer(name), updates)
+        except SessionError as e:
+            return _State(lora, copy.deepcopy(self._fresh.optimizer), updates,
+                          f"{e}; the optimizer state starts fresh from here (the LoRA is intact)")
+
+    def _load_state(self, state: "_State") -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        load_lora_state(self.pipe.unet, state.lora, self.adapter)
+        self.optimizer.load_state_dict(state.optimizer)
+        for group in self.optimizer.param_groups:       # settings changed on reopen apply now
+            group["lr"], group["weight_decay"] = self.settings.lr, self.settings.weight_decay
+        if state.note:
+            self._note(state.note)
+
+    def _snapshot(self) -> "_State":
+        return _State(lora_state(self.pipe.unet, self.adapter), copy.deepcopy(self.optimizer.state_dict()),
+                      self.updates)
+
+    def _note(self, text: str) -> None:
+        log.warning("session %s: %s", self.folder.root, text)
+        self.notes.append(text)
 
     # ---------------------------------------------------------------- render
-    @torch.no_grad()
     def render(self, prompt: str, seed: int, scale: float = 1.0, negative_prompt: str = "",
                n: int = 1, **sampling) -> list:
         """Images for ``prompt`` and ``seed`` with the LoRA at ``scale`` (0 = base model).
@@ -293,31 +430,52 @@ class Session:
         The same seed gives the same noise at any scale, so base and tuned compare side by side.
         Nothing is saved.
         """
+        self._check_open()
         s = self.settings.replace(**sampling)
-        with self._lock, lora_scaled(self.pipe.unet, scale):
-            traj = sample_trajectory(self.pipe, prompt, negative_prompt, n, int(seed), steps=s.steps,
+        with self._worker.sampling(), self._use_pipe() as pipe, torch.no_grad(), \
+                lora_scaled(pipe.unet, scale, self.adapter):
+            traj = sample_trajectory(pipe, prompt, negative_prompt, n, int(seed), steps=s.steps,
                                      guidance=s.guidance, eta=s.eta, height=s.height, width=s.width,
                                      device=self.runtime.device)
-            return decode(self.pipe, traj.latents[-1].float())
+            return decode(pipe, traj.latents[-1].float())
 
     # ------------------------------------------------------------ history etc.
     def history(self) -> list[dict]:
-        """Every round of this session, oldest first (prompt, seed, choice, status, report)."""
-        return [self.folder.read_round(r) for r in self.folder.round_ids()]
+        """Every round of this session, oldest first (prompt, seed, choice, status, report).
+        A round record that cannot be read is listed as ``{"id", "status": "damaged", "error"}``."""
+        self._check_open()
+        out = []
+        for rid in self.folder.round_ids():
+            try:
+                out.append(self.folder.read_round(rid))
+            except SessionError as e:
+                out.append({"id": rid, "status": "damaged", "error": str(e), "choice": None, "report": None})
+        return out
 
     def export_lora(self, path, format: str = "kohya") -> Path:
         """Write the current LoRA as .safetensors in ``format`` ("kohya" or "diffusers")."""
         from .export import export_lora
-        with self._lock:
+        self._check_open()
+        with self._use_pipe() as pipe:
             meta = {"base_model": str(self.meta["model"]), "base_model_hash": self.meta["model_fingerprint"],
                     "num_preferences": self.updates, "settings": self.settings.to_dict()}
-            return export_lora(lora_state(self.pipe.unet), path, format, rank=self.settings.lora_rank,
+            return export_lora(lora_state(pipe.unet, self.adapter), path, format, rank=self.settings.lora_rank,
                                alpha=self.settings.lora_alpha, family=self.meta["family"], metadata=meta)
 
     def info(self) -> dict:
+        self._check_open()
         return {"folder": str(self.folder.root), "model": self.meta["model"], "family": self.meta["family"],
                 "updates": self.updates, "settings": self.settings.to_dict(), "runtime": self.runtime.describe(),
-                "trainable_parameters": sum(p.numel() for p in self.params)}
+                "trainable_parameters": sum(p.numel() for p in self.params), "notes": list(self.notes)}
+
+
+@dataclass
+class _State:
+    """A LoRA and optimizer state with its update count, read from disk or taken in memory."""
+    lora: dict
+    optimizer: dict
+    updates: int
+    note: str | None = None
 
 
 # ---------------------------------------------------------------- helpers
@@ -352,6 +510,23 @@ def _check_same_model(meta: dict, model: str, fingerprint: str, sf: SessionFolde
     if meta["model_fingerprint"] != fingerprint:
         raise SessionError(f"session {sf.root} was made with model {meta['model']!r}; "
                            f"open it with that model, or use a new folder for {model!r}")
+
+
+def _chained(first, second):
+    """One progress callback calling ``first`` then ``second`` (if given)."""
+    if second is None:
+        return first
+
+    def progress(i: int, total: int) -> None:
+        first(i, total)
+        second(i, total)
+    return progress
+
+
+def _has_updates(sf: SessionFolder) -> bool:
+    """Whether the folder's LoRA has been trained (a damaged HEAD counts as yes)."""
+    name, problem = sf.head_state()
+    return name is not None or problem is not None
 
 
 def _merge_settings(meta: dict, given: dict, has_updates: bool) -> Settings:

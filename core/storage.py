@@ -87,6 +87,14 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise SessionError(f"{path} is not a readable safetensors file ({e})") from e
 
 
+def _read_existing(read, path: Path):
+    """``read(path)``, with a missing file as a SessionError that names it."""
+    try:
+        return read(path)
+    except FileNotFoundError as e:
+        raise SessionError(f"{path} is missing") from e
+
+
 class SessionFolder:
     """Paths and atomic reads/writes of one session folder."""
 
@@ -113,16 +121,38 @@ class SessionFolder:
 
     # ---- checkpoints -------------------------------------------------------
     def head(self) -> str | None:
-        try:
-            name = read_json(self.root / "HEAD")["checkpoint"]
-        except FileNotFoundError:
-            return None
-        if name is not None and not (self.root / "checkpoints" / name / "meta.json").exists():
-            raise SessionError(f"{self.root / 'HEAD'} names checkpoint {name!r}, which is missing")
+        """The checkpoint HEAD names (None before the first update); SessionError when HEAD is
+        unreadable or names a missing checkpoint (``head_state`` says which, without raising)."""
+        name, problem = self.head_state()
+        if problem is not None:
+            raise SessionError(problem)
         return name
+
+    def head_state(self) -> tuple[str | None, str | None]:
+        """``(name, problem)``: what HEAD names, and why it cannot be trusted (None if it can).
+
+        A missing HEAD is fine only while no checkpoint exists (a session without updates)."""
+        path = self.root / "HEAD"
+        try:
+            name = read_json(path)["checkpoint"]
+        except FileNotFoundError:
+            return None, (f"{path} is missing" if self.checkpoint_names() else None)
+        except (SessionError, KeyError, TypeError) as e:
+            return None, f"{path} is unreadable ({e})"
+        if name is not None and not (CHECKPOINT_ID.match(str(name)) and
+                                     (self.root / "checkpoints" / name / "meta.json").exists()):
+            return name, f"{path} names checkpoint {name!r}, which is missing"
+        return name, None
 
     def set_head(self, name: str | None) -> None:
         write_json(self.root / "HEAD", {"checkpoint": name})
+
+    def checkpoint_names(self) -> list[str]:
+        """Complete checkpoint folders (meta.json written), oldest first."""
+        folder = self.root / "checkpoints"
+        if not folder.exists():
+            return []
+        return sorted(p.name for p in folder.iterdir() if CHECKPOINT_ID.match(p.name) and (p / "meta.json").exists())
 
     def next_checkpoint_name(self) -> str:
         folder = self.root / "checkpoints"
@@ -139,22 +169,51 @@ class SessionFolder:
         write_json(folder / "meta.json", meta)   # written last: marks the folder complete
         return name
 
+    def read_lora(self, name: str) -> dict:
+        """The LoRA of checkpoint ``name``; SessionError naming the file if it is missing or damaged."""
+        return _read_existing(read_tensors, self.root / "checkpoints" / name / "lora.safetensors")
+
+    def read_optimizer(self, name: str) -> dict:
+        """The optimizer state of checkpoint ``name``; SessionError naming the file if damaged."""
+        path = self.root / "checkpoints" / name / "optimizer.pt"
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:   # torch raises zip, pickle and EOF errors for a damaged file
+            raise SessionError(f"{path} is missing or damaged ({type(e).__name__}: {e})") from e
+
     def read_checkpoint(self, name: str) -> tuple[dict, dict, dict]:
-        folder = self.root / "checkpoints" / name
-        lora = read_tensors(folder / "lora.safetensors")
-        optimizer_state = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
-        return lora, optimizer_state, read_json(folder / "meta.json")
+        return self.read_lora(name), self.read_optimizer(name), self.checkpoint_meta(name)
 
     def checkpoint_meta(self, name: str) -> dict:
-        return read_json(self.root / "checkpoints" / name / "meta.json")
+        return _read_existing(read_json, self.root / "checkpoints" / name / "meta.json")
 
-    def prune_checkpoints(self, keep: set[str]) -> None:
+    def chain(self, name: str | None) -> list[str]:
+        """``name``, its parent, its parent's parent, … as far as complete checkpoints go."""
+        out = []
+        while name is not None and name not in out:
+            try:
+                meta = self.checkpoint_meta(name)
+            except SessionError:
+                break
+            out.append(name)
+            name = meta.get("parent")
+        return out
+
+    def prune_checkpoints(self, keep: set[str], before_remove=None) -> list[str]:
+        """Delete every checkpoint folder not in ``keep``; ``before_remove(name)`` runs first for
+        each (e.g. to note in its round that the checkpoint is gone). Returns the removed names."""
         folder = self.root / "checkpoints"
-        for p in folder.iterdir() if folder.exists() else []:
+        removed = []
+        for p in sorted(folder.iterdir()) if folder.exists() else []:
             if CHECKPOINT_ID.match(p.name) and p.name not in keep:
+                if before_remove is not None:
+                    before_remove(p.name)
+                (p / "meta.json").unlink(missing_ok=True)   # first: the folder is no longer complete
                 for f in p.iterdir():
                     f.unlink()
                 p.rmdir()
+                removed.append(p.name)
+        return removed
 
     # ---- rounds ------------------------------------------------------------
     def round_dir(self, round_id: str) -> Path:
