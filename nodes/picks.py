@@ -1,8 +1,13 @@
 """Waiting for a click: a board of pending picks keyed by node id, answered over HTTP.
 
-The Pick node opens a wait on the board and blocks on its threading.Event (on ComfyUI's
-worker thread, so the server stays free); the page posts the choice to /d3po/pick, whose
-handler (`handle_post`) answers the wait. The wait polls the host for an interrupt.
+The Pick node registers a wait on the board, then tells the page, then blocks on the wait's
+threading.Event (on ComfyUI's worker thread, so the server stays free); the page posts the
+choice to /d3po/pick, whose handler (`handle_post`) answers the wait. The wait polls the host
+for an interrupt and may have a timeout.
+
+    with BOARD.waiting(node_id, {"round": ..., "n": 2}) as result:
+        send_the_event_to_the_page()
+        answer = result(check_interrupt, timeout_s=300)
 
     POST /d3po/pick {"node_id": "7", "index": 1}      the picked image
     POST /d3po/pick {"node_id": "7", "none": true}     none of them is better
@@ -11,8 +16,13 @@ handler (`handle_post`) answers the wait. The wait polls the host for an interru
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import threading
+import time
 from dataclasses import dataclass, field
+
+from ..core.errors import D3POError
 
 
 @dataclass
@@ -52,22 +62,40 @@ class PickBoard:
         wait.event.set()
         return True
 
-    def wait(self, node_id: str, info: dict, check_interrupt, poll_s: float = 0.1) -> Answer:
-        """Block until the page answers for ``node_id``; ``check_interrupt()`` is called every
-        ``poll_s`` and may raise to stop waiting. ``info`` must hold ``n`` (number of images)."""
+    @contextlib.contextmanager
+    def waiting(self, node_id: str, info: dict):
+        """Register a wait for ``node_id`` (``info`` must hold ``n``, the number of images) and
+        yield a function ``result(check_interrupt, timeout_s=0, poll_s=0.1) -> Answer``.
+
+        Register first, then tell the page: an answer posted as soon as the page hears of the
+        round finds the wait already there. The wait is removed when the block ends."""
         node_id = str(node_id)
         wait = _Wait(dict(info))
         with self._lock:
             self._waits[node_id] = wait       # a rerun of the same node replaces a stale wait
         try:
-            while not wait.event.wait(poll_s):
-                check_interrupt()
-            return wait.answer
+            yield functools.partial(_block, wait, node_id)
         finally:
             with self._lock:
                 if self._waits.get(node_id) is wait:
                     del self._waits[node_id]
 
+
+class PickTimeout(D3POError):
+    """Nobody answered the pick within the Pick node's timeout."""
+
+
+def _block(wait: _Wait, node_id: str, check_interrupt, timeout_s: float = 0, poll_s: float = 0.1) -> Answer:
+    """Wait for the answer; ``check_interrupt()`` runs every ``poll_s`` and may raise to stop.
+    ``timeout_s`` > 0 raises PickTimeout once that many seconds pass without an answer."""
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+    while not wait.event.wait(poll_s):
+        check_interrupt()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise PickTimeout(f"no pick on node {node_id} within {timeout_s:g} s, so this run stops and the "
+                              "queue moves on; the round stays unanswered. Queue again for a new round, or "
+                              "set the Pick node's timeout_s to 0 to wait without limit.")
+    return wait.answer
 
 def parse_answer(payload) -> tuple[str, Answer]:
     """(node_id, Answer) from the JSON body of POST /d3po/pick; ValueError says what is wrong."""

@@ -7,11 +7,13 @@ every queue (fingerprint NaN): every queue is a new round.
 from __future__ import annotations
 
 from ..core.errors import ConfigError
+from ..core.runtime import measure_memory
 from . import host, picks, registry
 from .convert import images_to_tensor, report_text, save_previews
-from .session_nodes import CATEGORY, _session_input, session_lora_name, write_lora
+from .session_nodes import CATEGORY, _session_input, _session_output, session_lora_name, write_lora
 
 PICK_EVENT = "d3po.pick"        # websocket event that shows a round in the Pick node
+DEFAULT_PROMPT = "a red circle on a white background"   # inside the embedded model's vocabulary
 PICK_MODES = ("click", "index", "none")
 
 
@@ -25,8 +27,9 @@ class SampleRound:
                         "session's current LoRA. They differ only by the sampler's fresh noise.",
             inputs=[
                 _session_input(io),
-                io.String.Input("prompt", multiline=True, default="a red circle",
-                                tooltip="What to draw."),
+                io.String.Input("prompt", multiline=True, default=DEFAULT_PROMPT,
+                                tooltip="What to draw. The embedded model knows only the words listed in "
+                                        "D3PO Load Session's checkpoint tooltip."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="What to avoid (empty = plain classifier-free guidance)."),
                 io.Int.Input("n", default=2, min=2, max=16, tooltip="Images to compare (2 or more)."),
@@ -41,7 +44,7 @@ class SampleRound:
                 io.Int.Input("height", default=0, min=0, max=4096, step=8,
                              tooltip="Height in px (multiple of 8); 0 = the model's native size."),
             ],
-            outputs=[io.Image.Output(display_name="images"),
+            outputs=[io.Image.Output(display_name="images", tooltip="The round's images, to preview or save."),
                      io.Custom("D3PO_ROUND").Output(display_name="round",
                                                     tooltip="The batch waiting for a pick.")],
         )
@@ -78,8 +81,12 @@ class PickImage:
                                        "none: 'none is better' (logged, nothing trained)."),
                 io.Int.Input("index", default=0, min=0, max=15,
                              tooltip="The picked image in mode 'index' (0 = first)."),
+                io.Int.Input("timeout_s", default=0, min=0, max=7 * 24 * 3600, optional=True,
+                             tooltip="Mode 'click': stop this run with an error after this many seconds "
+                                     "without a pick, so the queue moves on (0 = wait without limit)."),
             ],
-            outputs=[io.Custom("D3PO_PICK").Output(display_name="pick"),
+            outputs=[io.Custom("D3PO_PICK").Output(display_name="pick", tooltip="The answer with its round and "
+                                                                             "session: connect to D3PO Update LoRA."),
                      io.Image.Output(display_name="picked", tooltip="The picked image (the first if none)."),
                      io.Int.Output(display_name="index", tooltip="The picked index, -1 for none.")],
         )
@@ -89,12 +96,12 @@ class PickImage:
         return float("nan")
 
     @classmethod
-    def execute(cls, round, mode, index):
+    def execute(cls, round, mode, index, timeout_s=0):
         h = host.current()
         batch = round.session.batch(round.batch_id)
         refs = save_previews(batch.images, h.temp_dir(), f"pick_{round.batch_id}")
         if mode == "click":
-            answer = _wait_for_click(h, round, refs)
+            answer = _wait_for_click(h, round, refs, timeout_s)
         elif mode == "index":
             answer = picks.Answer(index=index)
         elif mode == "none":
@@ -109,10 +116,11 @@ class PickImage:
                         ui={"images": refs})
 
 
-def _wait_for_click(h, round, refs) -> picks.Answer:
+def _wait_for_click(h, round, refs, timeout_s: float = 0) -> picks.Answer:
     node = h.node_id()
-    h.send(PICK_EVENT, {"node": node, "round": round.batch_id, "images": refs})
-    answer = picks.BOARD.wait(node, {"round": round.batch_id, "n": round.n, "images": refs}, h.check_interrupt)
+    with picks.BOARD.waiting(node, {"round": round.batch_id, "n": round.n, "images": refs}) as result:
+        h.send(PICK_EVENT, {"node": node, "round": round.batch_id, "images": refs})   # after registering
+        answer = result(h.check_interrupt, timeout_s)
     if answer.cancel:
         h.stop_run("pick cancelled on the page")
     return answer
@@ -125,15 +133,17 @@ class UpdateLora:
         return io.Schema(
             node_id="D3POUpdate", display_name="D3PO Update LoRA", category=CATEGORY, is_output_node=True,
             description="One D3PO update of the session's LoRA from the pick (the picked image beats each "
-                        "other one), then writes loras/d3po/<session>.safetensors.",
+                        "other one), then writes the session's LoRA: loras/d3po/<session>.safetensors "
+                        "(embedded model: loras/d3po-embedded/<session>.embedded.safetensors).",
             inputs=[io.Custom("D3PO_PICK").Input("pick", tooltip="The answer from D3PO Pick; it carries its "
                                                                    "round and session.")],
-            outputs=[io.Custom("D3PO_SESSION").Output(display_name="session"),
+            outputs=[_session_output(io),
                      io.AnyType.Output(display_name="lora_name",
                                        tooltip="The session's LoRA under models/loras: connect to LoraLoader's "
                                                "lora_name to preview the tuned model."),
                      io.String.Output(display_name="report", tooltip="The update report (JSON): loss, "
-                                                                      "accuracy, log-ratios, seconds, updates.")],
+                                                                      "accuracy, log-ratios, seconds, updates, and "
+                                                                      "this update's peak and added memory.")],
         )
 
     @classmethod
@@ -149,8 +159,10 @@ class UpdateLora:
             if pick.none:
                 report = session.prefer(pick.round.batch_id, none=True)
             else:
-                report = session.prefer(pick.round.batch_id, best=pick.index,
-                                        progress=h.progress(1, interruptible=False))
+                with measure_memory(session.runtime.device) as memory:   # this update's, not the process's
+                    report = session.prefer(pick.round.batch_id, best=pick.index,
+                                            progress=h.progress(1, interruptible=False))
+                report = {**report, **memory()}
         name = write_lora(h, session, session_lora_name(session))
         h.check_interrupt()     # an interrupt during the update is honoured once it is complete
         return h.output(session, name, report_text(report), ui={"text": [report_text(report)]})

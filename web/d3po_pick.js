@@ -1,7 +1,8 @@
 // D3PO Studio: the D3PO Pick node shows the round's images and posts the click back.
-// The Python side (nodes/round_nodes.py) sends "d3po.pick" {node, round, images} and waits on
-// POST /d3po/pick {node_id, index | none | cancel}. GET /d3po/pick lists picks still waiting
-// (so a reloaded page can answer them).
+// The Python side (nodes/round_nodes.py) registers its wait, sends "d3po.pick" {node, round,
+// images} and waits on POST /d3po/pick {node_id, index | none | cancel}. GET /d3po/pick lists
+// picks still waiting: the page shows them again whenever a graph is loaded (after a reload the
+// graph is restored after setup(), so setup() alone would find no node to show them in).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -51,7 +52,7 @@ function makePanel(node) {
 
 function show(detail) {
   const node = app.graph?.getNodeById(Number(detail.node));
-  if (!node) return;
+  if (node?.comfyClass !== NODE_TYPE) return; // not in this graph (ids are per graph)
   const panel = node[PANEL] ?? makePanel(node);
   panel.grid.replaceChildren(
     ...detail.images.map((ref, i) => {
@@ -73,6 +74,12 @@ function show(detail) {
   node.setDirtyCanvas?.(true, true);
 }
 
+async function showWaiting() {
+  const res = await api.fetchApi("/d3po/pick");
+  if (!res.ok) return;
+  for (const [node, info] of Object.entries(await res.json())) show({ node, ...info });
+}
+
 function clearAll(text) {
   for (const node of app.graph?._nodes ?? []) {
     if (!node[PANEL]) continue;
@@ -87,10 +94,10 @@ app.registerExtension({
     api.addEventListener("d3po.pick", ({ detail }) => show(detail));
     api.addEventListener("execution_interrupted", () => clearAll("interrupted"));
     api.addEventListener("execution_error", () => clearAll("stopped by an error"));
-    const res = await api.fetchApi("/d3po/pick");
-    if (res.ok) {
-      for (const [node, info] of Object.entries(await res.json())) show({ node, ...info });
-    }
+    await showWaiting(); // a graph may already be loaded
+  },
+  async afterConfigureGraph() {
+    await showWaiting(); // the graph restored after a page reload, or a workflow loaded later
   },
   async nodeCreated(node) {
     if (node.comfyClass === NODE_TYPE) makePanel(node);
