@@ -5,6 +5,7 @@ once (logger ``d3po_studio``) and kept in ``Runtime.notes`` for ``d3po-studio in
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -161,10 +162,67 @@ def apply_attention(pipe, attention: str) -> None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA max allocated on a GPU, else the process's peak resident set size."""
+    """CUDA: max allocated since the last reset_peak_memory. CPU: the process's peak resident set
+    size, since the last reset_peak_memory on Linux, since the process started elsewhere."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    hwm = _proc_status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
     import resource
     import sys
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """CUDA: bytes allocated now. CPU: the process's resident set size now (0 where unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    rss = _proc_status_kib("VmRSS")
+    return rss * 1024 if rss is not None else 0
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak for peak_memory_bytes; False where it cannot (CPU off Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")          # Linux >= 4.0: reset the RSS high-water mark to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def measure_memory(device: torch.device):
+    """Memory of the block alone, not of what ran before it in the process:
+
+        with measure_memory(device) as memory:
+            ...
+        memory()  # {"peak_memory_bytes": peak during the block (the process's RSS on a CPU),
+                  #  "added_memory_bytes": that peak less what was in use when the block began}
+
+    On a CPU where the peak cannot be reset (not Linux) both figures are None."""
+    exact = reset_peak_memory(device)
+    start = current_memory_bytes(device)
+    result: dict = {}
+    try:
+        yield lambda: dict(result)
+    finally:
+        peak = peak_memory_bytes(device) if exact else None
+        result.update(peak_memory_bytes=peak, added_memory_bytes=None if peak is None else max(0, peak - start))
+
+
+def _proc_status_kib(field: str) -> int | None:
+    """A "kB" field of /proc/self/status (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

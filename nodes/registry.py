@@ -13,14 +13,18 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.session import Session
+from typing import TYPE_CHECKING
 
-_open: dict[Path, tuple[tuple, Session]] = {}
+if TYPE_CHECKING:     # importing core.session loads diffusers and peft: only when a node first runs
+    from ..core.session import Session
+
+_open: dict[Path, tuple[tuple, "Session"]] = {}
 _lock = threading.Lock()
 
 
-def open_session(folder, model: str, pipeline=None, **settings) -> Session:
+def open_session(folder, model: str, pipeline=None, **settings) -> "Session":
     """The session in ``folder``, reusing the open one when model and settings are the same."""
+    from ..core.session import Session
     folder = Path(folder).resolve()
     key = (str(model), id(pipeline) if pipeline is not None else None, tuple(sorted(settings.items())))
     with _lock:

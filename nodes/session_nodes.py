@@ -10,12 +10,16 @@ import re
 from pathlib import Path
 
 from ..core.config import DTYPES, OPTIMIZERS, Settings
+from ..core.embedded import vocabulary_text
 from ..core.errors import ConfigError
 from . import host, registry
 
 CATEGORY = "D3PO Studio"
 DIFFUSERS_PREFIX = "diffusers:"
 _SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+# LoRAs of the embedded model fit no real checkpoint: their own folder and name in LoraLoader's list.
+LORA_FOLDER, EMBEDDED_LORA_FOLDER, EMBEDDED_LORA_SUFFIX = "d3po", "d3po-embedded", ".embedded"
+SESSION_TOOLTIP = "The D3PO session (model, LoRA, optimizer, rounds); connect it to the next D3PO node."
 
 
 def model_choices(h) -> list[str]:
@@ -31,9 +35,20 @@ def resolve_model(h, choice: str) -> str:
     return str(h.checkpoint_path(choice))
 
 
-def session_lora_name(session) -> str:
-    """The file (relative to the loras folder) that always holds a session's current LoRA."""
-    return f"d3po/{session.folder.root.name}.safetensors"
+def session_lora_name(session, tag: str = "") -> str:
+    """The file (relative to the loras folder) named after the session: its current LoRA, or
+    with ``tag`` another file of it. Embedded-model sessions get their own folder and suffix."""
+    stem = session.folder.root.name + tag
+    if session.meta["model"] == "embedded":
+        return f"{EMBEDDED_LORA_FOLDER}/{stem}{EMBEDDED_LORA_SUFFIX}.safetensors"
+    return f"{LORA_FOLDER}/{stem}.safetensors"
+
+
+def export_name(session, file_name: str) -> str:
+    """Save LoRA's file: ``file_name`` under models/loras, or by default named after the session."""
+    if not file_name.strip():
+        return session_lora_name(session, tag="-saved")
+    return f"{Path(file_name).as_posix().removesuffix('.safetensors')}.safetensors"
 
 
 def write_lora(h, session, name: str, format: str = "kohya") -> str:
@@ -56,6 +71,10 @@ def _session_input(io):
     return io.Custom("D3PO_SESSION").Input("session", tooltip="A D3PO session from D3PO Load Session.")
 
 
+def _session_output(io):
+    return io.Custom("D3PO_SESSION").Output(display_name="session", tooltip=SESSION_TOOLTIP)
+
+
 class LoadSession:
     @classmethod
     def define_schema(cls):
@@ -67,10 +86,14 @@ class LoadSession:
             inputs=[
                 io.Combo.Input("checkpoint", options=model_choices(host.current()), default="embedded",
                                tooltip="Base model: the small embedded model, a file from models/checkpoints, "
-                                       "or a diffusers folder from models/diffusers."),
+                                       "or a diffusers folder from models/diffusers. The embedded model draws "
+                                       "one flat shape on a flat background and knows only these words: "
+                                       + vocabulary_text()),
                 io.String.Input("session_name", default="my-session",
                                 tooltip="Folder name under models/d3po. The same name resumes the session; "
-                                        "the LoRA is written to loras/d3po/<session_name>.safetensors."),
+                                        "the LoRA is written to loras/d3po/<session_name>.safetensors "
+                                        "(embedded model: loras/d3po-embedded/<session_name>.embedded"
+                                        ".safetensors, apart from the LoRAs of real checkpoints)."),
                 io.Float.Input("lr", default=Settings().lr, min=1e-6, max=1.0, step=1e-4,
                                tooltip="Learning rate of the LoRA optimizer (higher = faster, riskier)."),
                 io.Float.Input("beta", default=Settings().beta, min=1e-4, max=100.0, step=0.01,
@@ -85,7 +108,7 @@ class LoadSession:
                 io.Boolean.Input("gradient_checkpointing", default=True,
                                  tooltip="Recompute activations in the update: less memory, more time."),
             ],
-            outputs=[io.Custom("D3PO_SESSION").Output(display_name="session"),
+            outputs=[_session_output(io),
                      io.String.Output(display_name="info", tooltip="Folder, model, family, updates.")],
         )
 
@@ -109,12 +132,13 @@ class UndoUpdate:
         from comfy_api.latest import io
         return io.Schema(
             node_id="D3POUndo", display_name="D3PO Undo", category=CATEGORY, is_output_node=True,
-            description="Take back the last D3PO update (bit-exact); runs on every queue.",
+            description="Take back the last D3PO update (bit-exact); runs on every queue. Shows what was "
+                        "undone in the node.",
             inputs=[_session_input(io)],
-            outputs=[io.Custom("D3PO_SESSION").Output(display_name="session"),
+            outputs=[_session_output(io),
                      io.AnyType.Output(display_name="lora_name",
                                        tooltip="The session's LoRA file, rewritten after the undo."),
-                     io.String.Output(display_name="info", tooltip="Updates left and the undone round.")],
+                     io.String.Output(display_name="info", tooltip="What was undone and the updates left (JSON).")],
         )
 
     @classmethod
@@ -127,7 +151,15 @@ class UndoUpdate:
         with h.training():
             result = session.undo()
         name = write_lora(h, session, session_lora_name(session))
-        return h.output(session, name, json.dumps(result))
+        return h.output(session, name, json.dumps(result), ui={"text": [undo_text(session, result)]})
+
+
+def undo_text(session, result: dict) -> str:
+    """What the Undo node shows: the prompt of the undone round and what is left."""
+    prompt = session.folder.read_round(result["undone_round"]).get("prompt", "")
+    left = result["updates"]
+    return (f"Undid the update from the pick on {prompt!r}. The LoRA is back to "
+            f"{left} update{'s' if left != 1 else ''}.")
 
 
 class ExportLora:
@@ -140,8 +172,10 @@ class ExportLora:
                         "LoraLoader, A1111 and Forge).",
             inputs=[
                 _session_input(io),
-                io.String.Input("file_name", default="d3po/my-lora",
-                                tooltip="Path under models/loras, without .safetensors."),
+                io.String.Input("file_name", default="",
+                                tooltip="Path under models/loras, without .safetensors. Empty = named after the "
+                                        "session: d3po/<session>-saved (embedded model: "
+                                        "d3po-embedded/<session>-saved.embedded)."),
                 io.Combo.Input("format", options=["kohya", "diffusers"], default="kohya",
                                tooltip="kohya: lora_unet_* keys with alpha (ComfyUI, A1111, Forge, diffusers); "
                                        "diffusers: keys for diffusers' load_lora_weights."),
@@ -157,6 +191,5 @@ class ExportLora:
     @classmethod
     def execute(cls, session, file_name, format):
         h = host.current()
-        name = write_lora(h, session, f"{Path(file_name).as_posix().removesuffix('.safetensors')}.safetensors",
-                          format)
+        name = write_lora(h, session, export_name(session, file_name), format)
         return h.output(name, ui={"text": [name]})

@@ -62,6 +62,13 @@ def checkpoint_choice(h) -> str:
 DTYPE, SIZE = "float32", 0       # the model's native size; 2 DDIM steps and no CFG keep CI fast
 
 
+def own_lora_name(session_name, tag=""):
+    """Where a session's LoRA goes: the embedded model's in a folder and name of their own."""
+    if EMBEDDED:
+        return f"d3po-embedded/{session_name}{tag}.embedded.safetensors"
+    return f"d3po/{session_name}{tag}.safetensors"
+
+
 def load(h, name="s1", lr=1e-2):
     out = LoadSession.execute(checkpoint=checkpoint_choice(h), session_name=name, lr=lr, beta=0.1, lora_rank=4,
                               dtype=DTYPE, optimizer="adamw", gradient_checkpointing=False)
@@ -98,21 +105,42 @@ def _loop(plain):
     assert (picked[0] == images[2]).all()
 
     out_session, lora_name, report = UpdateLora.execute(pick=pick).result
-    assert out_session is session and lora_name == "d3po/s1.safetensors"
+    assert out_session is session and lora_name == own_lora_name("s1")
     report = json.loads(report)
     assert report["updates"] == 1 and math.isfinite(report["loss"]) and report["pairs"] == 2
+    assert report["added_memory_bytes"] <= report["peak_memory_bytes"]     # this update's own (item 21)
     with safetensors.safe_open(plain.loras_dir() / lora_name, "pt") as f:
-        keys = list(f.keys())
+        keys, header = list(f.keys()), f.metadata()
     assert keys and all(k.startswith("lora_unet_") for k in keys)
     assert any(k.endswith(".alpha") for k in keys)
+    assert header["ss_base_model_version"] == ("d3po_studio_embedded" if EMBEDDED else "sd_v1")
 
     (name,) = ExportLora.execute(session=session, file_name="mine/tuned", format="kohya").result
     assert name == "mine/tuned.safetensors" and (plain.loras_dir() / name).is_file()
     with pytest.raises(ConfigError, match="inside"):
         ExportLora.execute(session=session, file_name="../escape", format="kohya")
 
-    _, _, info = UndoUpdate.execute(session=session).result
-    assert json.loads(info)["updates"] == 0 and session.updates == 0
+    undone = UndoUpdate.execute(session=session)
+    assert json.loads(undone.result[2])["updates"] == 0 and session.updates == 0
+    assert undone.ui == {"text": ["Undid the update from the pick on 'a red circle'. "
+                                  "The LoRA is back to 0 updates."]}     # shown in the node and in /history
+
+
+def test_default_lora_names_follow_the_session(plain, shared):
+    """Two sessions' Save LoRA with the default file name write two files, each named after its
+    session (issue 11, item 17); an explicit name is kept; files are readable by others (item 20)."""
+    import os
+    other = load(plain, name="other")
+    old = os.umask(0o022)
+    try:
+        (a,) = ExportLora.execute(session=shared, file_name="", format="kohya").result
+        (b,) = ExportLora.execute(session=other, file_name=" ", format="kohya").result
+    finally:
+        os.umask(old)
+    assert (a, b) == (own_lora_name("shared", "-saved"), own_lora_name("other", "-saved"))
+    assert (plain.loras_dir() / a).stat().st_mode & 0o777 == 0o644
+    (c,) = ExportLora.execute(session=shared, file_name="mine/x.safetensors", format="kohya").result
+    assert c == "mine/x.safetensors"
 
 
 def test_load_reuses_the_open_session_and_resumes_after_a_settings_change(plain):
@@ -269,6 +297,18 @@ def test_workflows_parse_and_name_known_nodes(path):
     ids = {n["id"]: n for n in wf["nodes"]}
     for lid, a, aslot, b, bslot, _ in wf["links"]:
         assert lid in ids[a]["outputs"][aslot]["links"] and ids[b]["inputs"][bslot]["link"] == lid
+
+
+def test_loop_workflows_do_not_share_a_session_or_a_lora_file():
+    """Running one shipped workflow must not overwrite another's files (issue 11, item 17)."""
+    def widgets(path, node_type):
+        return next(n["widgets_values"] for n in json.loads(path.read_text())["nodes"] if n["type"] == node_type)
+    loops = sorted((REPO / "workflows").glob("d3po_steering_loop_*.json"))
+    sessions = [widgets(p, "D3POLoadSession")[1] for p in loops]
+    assert len(loops) == 2 and len(set(sessions)) == 2
+    assert all(widgets(p, "D3POExportLora")[0] == "" for p in loops)     # default: named after the session
+    assert widgets(REPO / "workflows" / "d3po_undo.json", "D3POLoadSession")[1] == \
+        widgets(REPO / "workflows" / "d3po_steering_loop_embedded.json", "D3POLoadSession")[1]
 
 
 def test_there_is_a_loop_workflow_with_a_stock_preview_branch():
