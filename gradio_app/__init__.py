@@ -1,7 +1,7 @@
 """The click-to-prefer web app (Gradio). Start it with ``d3po-studio app`` or
 
     from d3po_studio.gradio_app import launch
-    launch()                      # embedded model, http://127.0.0.1:7860, sessions in ./d3po-sessions
+    launch()          # embedded model, http://127.0.0.1:7860, sessions in ~/.local/share/d3po-studio/sessions
 
 docs/app.md describes the page, the flags, where sessions live and the safety rules.
 """

@@ -5,6 +5,7 @@ folder (so the app loads it the way it loads any user model).
 """
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -51,6 +52,18 @@ def server(tmp_path_factory):
     REGISTRY.close_all()
 
 
+def learned(client, timeout: float = 120) -> str:
+    """Tick /progress (the page's timer) until the clicks queued by /prefer are learned; the
+    status it then reports."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy, status, *_ = client.predict(0, api_name="/progress")
+        if status and "The LoRA holds" in status:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"no update reported within {timeout} s")
+
+
 def rounds(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("rounds/*/round.json"))]
 
@@ -67,15 +80,16 @@ def test_click_loop_undo_export(server):
     demo, root, _ = server
     c = Client(demo.local_url, verbose=False)
     c.predict("s1", 3e-3, 0.1, 4, api_name="/new_session")
-    gallery, seed, status = c.predict(**SAMPLING, api_name="/sample")
-    assert len(gallery["value"]) == 2 and seed == 5 and "Click the better image" in status
+    gallery, seed, status, *_ = c.predict(**SAMPLING, api_name="/sample")
+    assert len(gallery["value"]) == 2 and seed == 5 and "Click the image you prefer" in status
 
-    out = c.predict(best=1, **SAMPLING, api_name="/prefer")
-    assert out[1] == 5 and "Update 1" in out[2] and "**1 click**" in out[3]
+    out = c.predict(best=1, **SAMPLING, api_name="/prefer")       # the next pair, before the update
+    assert out[1] == 5 and "Click 1 saved" in out[2] and "**1 click**" in out[3]
+    assert "Learned from click 1" in learned(c)
     c.predict(**SAMPLING, api_name="/skip")
     c.predict(best=0, **SAMPLING, api_name="/prefer")
     note, summary, *_ = c.predict(api_name="/undo")
-    assert "back at update 1" in note
+    assert "Undid your last learned click (image #1 of “a red circle”)" in note and "back to 1 learned click" in note
     assert "3 clicks** — 1 update in the LoRA now; 1 applied, 1 skipped, 1 undone" in summary
 
     folder = root / "sessions" / "s1"
@@ -94,8 +108,8 @@ def test_click_loop_undo_export(server):
     c.predict("my-lora", "diffusers", api_name="/export")
     assert (folder / "exports" / "my-lora.diffusers.safetensors").is_file()
 
-    base, tuned = c.predict(prompt="a red circle", negative="", seed=3, scale=1.0, steps=2, guidance=4.0,
-                            resolution="native", api_name="/compare")
+    base, tuned, caption = c.predict(prompt="a red circle", negative="", seed=3, scale=1.0, steps=2,
+                                     guidance=4.0, resolution="native", api_name="/compare")
     assert Path(base).is_file() and Path(tuned).is_file()
 
 
@@ -157,6 +171,7 @@ def test_a_session_belongs_to_one_tab(server):
     b.predict("other", 3e-3, 0.1, 4, api_name="/new_session")
     b.predict(**SAMPLING, api_name="/sample")
     b.predict(best=1, **SAMPLING, api_name="/prefer")
+    learned(b)
     assert [r["status"] for r in rounds(root / "sessions" / "shared")] == ["shown"]
     assert [r["status"] for r in rounds(root / "sessions" / "other")] == ["applied", "shown"]
 
