@@ -58,7 +58,9 @@ def activate(unet, adapter: str, params=()) -> None:
 def remove_lora(unet, adapter: str) -> None:
     """Delete LoRA ``adapter`` from ``unet`` (frees its weights)."""
     if adapter in getattr(unet, "peft_config", {}):
-        unet.delete_adapters(adapter)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted")
+            unet.delete_adapters(adapter)
 
 
 @contextmanager

@@ -190,7 +190,7 @@ class UpdateWorker:
     def _finish(self, job: Job) -> None:
         with self._cv:
             if self._running is job:
-                self._running = None
+                self._running, self._step = None, (0, 0)
             if not job.direct:
                 self._finished.append(job)
             job.done.set()
