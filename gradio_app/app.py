@@ -89,7 +89,7 @@ def build_app(model: str = "embedded", session=None, sessions_dir=None, export_d
                                                   "at least (size / native)² the time")
                 with gr.Row():
                     seed_mode = gr.Radio(list(SEED_MODES), value="new seed", label="Seed for the next round")
-                    seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, maximum=2**32 - 1)
+                    seed = gr.Number(value=0, precision=0, label="Seed")
                 gr.Markdown("Learning rate, β and LoRA rank are session settings: they apply to **New "
                             "session**, or to this session with **Apply** (rank is fixed after the first click).")
                 with gr.Row():
@@ -99,16 +99,17 @@ def build_app(model: str = "embedded", session=None, sessions_dir=None, export_d
                     apply_btn = gr.Button("Apply to this session")
         with gr.Tab("Compare"):
             with gr.Row():
-                cmp_seed = gr.Number(value=0, precision=0, label="Seed", minimum=0, maximum=2**32 - 1)
+                cmp_seed = gr.Number(value=0, precision=0, label="Seed")
                 scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="LoRA strength")
                 cmp_btn = gr.Button("Render base and tuned", variant="primary", elem_id="compare")
                 cmp_cancel = gr.Button("Cancel", variant="stop")
             caption = gr.Markdown("The prompt of the Steer tab, rendered from the same noise with the LoRA off "
                                   "and on.", elem_id="compare-caption")
             with gr.Row():
-                base_img = gr.Image(label="Base model (LoRA off)", elem_classes="pixelated", elem_id="base")
+                base_img = gr.Image(label="Base model (LoRA off)", elem_classes="pixelated", elem_id="base",
+                                    format="png")
                 tuned_img = gr.Image(label="Tuned (LoRA at the strength above)", elem_classes="pixelated",
-                                     elem_id="tuned")
+                                     elem_id="tuned", format="png")
         with gr.Tab("History"):
             summary = gr.Markdown("No session open.", elem_id="summary")
             plot = gr.Plot(label="Learning curve", elem_id="curve")
