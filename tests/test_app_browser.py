@@ -40,6 +40,10 @@ def session_folder(sessions: Path) -> Path:
 
 
 def test_click_an_image_then_the_next_pair_appears(app, tmp_path):
+    """The loop, and issue 11 items 1-5 as a user sees them: sizes offered for this model, the
+    next pair shown before the update with a progress line apart from the status, no stale
+    selection frame, the new session listed, a readable learning curve with whole thumbnails,
+    Compare at a useful size with its prompt and seed."""
     from playwright.sync_api import expect, sync_playwright
 
     from d3po_studio.gradio_app.registry import REGISTRY
@@ -55,19 +59,28 @@ def test_click_an_image_then_the_next_pair_appears(app, tmp_path):
                 steps = page.locator("#steps input[type=number]")
                 steps.fill("4")
                 steps.press("Enter")
+            page.locator("#resolution input").click()
+            expect(page.get_by_role("option")).to_contain_text(
+                ["64 px (native)", "96 px: at least 2.25x the time", "128 px: at least 4x the time"])
+            page.locator("#resolution input").press("Escape")
             page.locator("#sample").click()
             thumbs = page.locator("#images .thumbnail-item")
             expect(thumbs).to_have_count(2, timeout=60_000)
-            expect(page.locator("#status")).to_contain_text("Click the better image", timeout=60_000)
+            expect(page.locator("#status")).to_contain_text("Click the image you prefer", timeout=60_000)
             first_pair = [thumbs.nth(i).locator("img").get_attribute("src") for i in range(2)]
 
-            thumbs.nth(0).click()
+            thumbs.nth(1).click()
             expect(page.locator("#sample")).to_be_disabled(timeout=5_000)       # no double click
-            expect(page.locator("#status")).to_contain_text("Update 1", timeout=90_000)
-            expect(page.locator("#sample")).to_be_enabled(timeout=10_000)
-            expect(thumbs).to_have_count(2)
+            expect(page.locator("#status")).to_contain_text("Click 1 saved", timeout=60_000)
             second_pair = [thumbs.nth(i).locator("img").get_attribute("src") for i in range(2)]
             assert second_pair != first_pair
+            expect(page.locator("#progress")).to_contain_text("Learning from click 1", timeout=30_000)
+            expect(page.locator("#status")).to_be_visible()                   # not covered by the progress
+            expect(thumbs).to_have_count(2)                                   # the pair stays visible
+            expect(page.locator("#status")).to_contain_text("Learned from click 1", timeout=90_000)
+            expect(page.locator("#sample")).to_be_enabled(timeout=10_000)
+            page.mouse.move(5, 5)
+            expect(page.locator("#images .thumbnail-item.selected")).to_have_count(0)   # item 4
 
             page.locator("#settings").get_by_text("Settings", exact=True).click()   # fold it again
             shot = DOCS_SCREENSHOT if SAVE else tmp_path / "app.png"
@@ -75,11 +88,23 @@ def test_click_an_image_then_the_next_pair_appears(app, tmp_path):
             assert shot.stat().st_size > 10_000
             assert REGISTRY.is_open(session_folder(sessions))
 
-            page.get_by_role("tab", name="History").click()
-            expect(page.get_by_text("1 click", exact=False).first).to_be_visible(timeout=10_000)
-            page.get_by_role("tab", name="Compare").click()
+            page.get_by_role("tab", name="Sessions").click()                  # item 5: no Refresh needed
+            expect(page.locator("#sessions input")).to_have_value(session_folder(sessions).name)
+
+            page.get_by_role("tab", name="History").click()                   # item 2
+            expect(page.locator("#summary")).to_contain_text("1 click", timeout=10_000)
+            expect(page.locator("#curve img, #curve svg").first).to_be_visible(timeout=10_000)
+            pick = page.locator("#choices .thumbnail-item img")
+            expect(pick).to_have_count(1)
+            assert pick.evaluate("e => getComputedStyle(e).objectFit") == "contain"
+            box, frame = pick.bounding_box(), page.locator("#choices").bounding_box()
+            assert box["width"] <= 130 and box["y"] >= frame["y"] and box["y"] + box["height"] <= frame["y"] + frame["height"]
+
+            page.get_by_role("tab", name="Compare").click()                   # item 3
             page.get_by_role("button", name="Render base and tuned").click()
             expect(page.locator(".pixelated img")).to_have_count(2, timeout=60_000)
+            expect(page.locator("#compare-caption")).to_contain_text("\u201ca red circle\u201d \u00b7 seed")
+            assert page.locator("#base img").evaluate("e => e.naturalWidth") >= 320
         finally:
             browser.close()
     session = session_folder(sessions)
@@ -89,6 +114,47 @@ def test_click_an_image_then_the_next_pair_appears(app, tmp_path):
     assert not REGISTRY.is_open(session)
     statuses = [json.loads(r.read_text())["status"] for r in sorted(session.glob("rounds/*/round.json"))]
     assert statuses == ["applied", "shown"]
+
+
+def test_cancel_and_a_bad_seed_in_the_page(app):
+    """Issue 11 items 1 and 6: Cancel stops a long sample and frees the buttons; an empty seed
+    on Compare is a message, not a Python error."""
+    from playwright.sync_api import expect, sync_playwright
+    demo, sessions = app
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(demo.local_url)
+            page.get_by_label("4").check()
+            page.locator("#settings").get_by_text("Settings", exact=True).click()
+            steps = page.locator("#steps input[type=number]")
+            steps.fill("100")
+            steps.press("Enter")
+            page.locator("#sample").click()
+            expect(page.locator("#sample")).to_be_disabled(timeout=5_000)
+            page.wait_for_timeout(1500)
+            page.locator("#cancel").click()
+            expect(page.locator("#status")).to_contain_text("Cancelled", timeout=5_000)
+            expect(page.locator("#sample")).to_be_enabled(timeout=10_000)
+            expect(page.locator("#images .thumbnail-item")).to_have_count(0)
+            assert not list(sessions.glob("*/rounds/*"))
+
+            page.get_by_role("tab", name="Compare").click()
+            page.locator("#compare").click()                 # no session yet: a message
+            expect(page.get_by_text("no session is open in this tab").first).to_be_visible(timeout=10_000)
+            page.get_by_role("tab", name="Steer").click()
+            steps.fill("2")
+            steps.press("Enter")
+            page.locator("#sample").click()
+            expect(page.locator("#images .thumbnail-item")).to_have_count(4, timeout=60_000)
+            page.get_by_role("tab", name="Compare").click()
+            page.get_by_label("Seed").last.fill("")
+            page.locator("#compare").click()
+            expect(page.get_by_text("Compare seed is empty").first).to_be_visible(timeout=10_000)
+            expect(page.get_by_text("int() argument")).to_have_count(0)
+        finally:
+            browser.close()
 
 
 def test_resumed_session_opens_in_the_first_tab_only(tmp_path):
@@ -110,7 +176,7 @@ def test_resumed_session_opens_in_the_first_tab_only(tmp_path):
                 second.goto(demo.local_url)
                 expect(second.locator("#status")).to_contain_text("open in another browser tab", timeout=30_000)
                 second.locator("#sample").click()           # the second tab gets a new session of its own
-                expect(second.locator("#status")).to_contain_text("Created session", timeout=60_000)
+                expect(second.locator("#status")).to_contain_text("Started session", timeout=60_000)
             finally:
                 browser.close()
         assert [p.name for p in (tmp_path / "sessions").iterdir()][0].startswith("session-")
