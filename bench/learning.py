@@ -1,109 +1,229 @@
-"""Does clicking steer the embedded model? Simulated users, measured on held-out pairs.
+"""Does clicking steer the embedded model? Simulated choosers, 3 seeds a cell, held-out pairs.
 
-    nice -n 10 python -m d3po_studio.bench.learning                 # full table (~1 h on 2 cores)
-    python -m d3po_studio.bench.learning --rounds 50 --modes 2      # a shorter run
+    python -m d3po_studio.bench.learning                       # the full study (~1 h+ on 2 cores)
+    python -m d3po_studio.bench.learning --quick               # brighter + random, pairs, 25 clicks
+    python -m d3po_studio.bench.learning --variant official step_weight=none step_rms=none \\
+        --choosers brighter random --modes 2 --workdir runs/    # compare a setting against the defaults
 
-For each oracle (brighter, jpeg-compressible, larger-shape) and each mode (pairs, best-of-4):
-a fresh session on the embedded model, `rounds` simulated clicks, and an evaluation after
-10, 25, 50 and 100 clicks on 32 held-out (prompt, seed) pairs rendered with the same noise by the
-base and the tuned model (core/simulate.py defines the metrics). The random oracle is the control,
-over three seeds, scored by every other oracle. Writes the "learning" section of docs/benchmarks.md.
+A cell is (settings variant, chooser, images per click, seed): a fresh session on the embedded
+model, ``--clicks`` simulated clicks (core/simulate.py), evaluated after 10, 25 and 50 clicks on
+held-out (prompt, seed) pairs rendered by base and tuned model with the same noise. Cells run as
+parallel processes with one torch thread each (two threads per process on a 2-core machine are
+many times slower). A cell whose report.json exists in ``--workdir`` is not run again, so a study
+can be resumed or extended. Writes the "learning" section of docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from ..core.simulate import EVAL_AT, run_simulation
+from ..core.simulate import run_simulation
 from .report import write_section
 
-ORACLES = ("brighter", "jpeg-compressible", "larger-shape")
-CONTROL_SEEDS = (0, 1, 2)
+CHOOSERS = ("brighter", "jpeg-compressible", "larger-shape", "saturated", "centered")
+CONTROL = "random"
+EVAL_AT = (10, 25, 50)
+# Runtime choices that do not change the math, for speed: no gradient checkpointing on a 5 M model.
+BENCH_SETTINGS = {"gradient_checkpointing": False}
 
 
-def run(rounds: int, modes: tuple[int, ...], eval_pairs: int, control_rounds: int, workdir: Path,
-        settings: dict) -> dict:
-    results = {"runs": [], "controls": []}
-    for oracle in ORACLES:
-        for n in modes:
-            report = run_simulation(workdir / f"{oracle}-n{n}", oracle=oracle, rounds=rounds, n=n, seed=0,
-                                    eval_pairs=eval_pairs, **settings)
-            results["runs"].append(report)
-            print(report["summary"], flush=True)
-    for seed in CONTROL_SEEDS:
-        report = run_simulation(workdir / f"random-s{seed}", oracle="random", rounds=control_rounds, n=2,
-                                seed=seed, eval_pairs=eval_pairs, **settings)
-        results["controls"].append(report)
-        print(report["summary"], flush=True)
-    return results
+def parse_value(text: str):
+    """A settings value from the command line: none, true/false, numbers, else the string."""
+    lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
-def markdown(results: dict, rounds: int, control_rounds: int, eval_pairs: int, seconds: float) -> str:
-    runs, controls = results["runs"], results["controls"]
-    first = (runs or controls)[0]
-    s = first["settings"]
+def cell_name(variant: str, chooser: str, n: int, seed: int) -> str:
+    return f"{variant}__{chooser}__n{n}__s{seed}"
+
+
+def run_cell(cell: dict) -> dict:
+    """Run one cell in this process (the worker side of ``--cell``)."""
+    out = Path(cell["out"])
+    settings = {**BENCH_SETTINGS, **cell["settings"]}
+    lag = settings.pop("lag", 0)      # not a session setting: the simulated pipelining (core/simulate.py)
+    report = run_simulation(out, oracle=cell["chooser"], rounds=cell["clicks"], n=cell["n"], seed=cell["seed"],
+                            eval_pairs=cell["eval_pairs"], eval_at=EVAL_AT, lag=lag, **settings)
+    report["variant"] = cell["variant"]
+    (out / "cell.json").write_text(json.dumps({**cell, "summary": report["summary"]}))
+    return report
+
+
+def run_cells(cells: list[dict], jobs: int) -> None:
+    """Run the cells without a report as subprocesses, ``jobs`` at a time, one torch thread each."""
+    todo = [c for c in cells if not (Path(c["out"]) / "report.json").exists()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    running: list[tuple[subprocess.Popen, dict]] = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            cell = todo.pop(0)
+            Path(cell["out"]).parent.mkdir(parents=True, exist_ok=True)
+            log = open(Path(cell["out"]).parent / (Path(cell["out"]).name + ".log"), "w")
+            proc = subprocess.Popen([sys.executable, "-m", "d3po_studio.bench.learning", "--cell", json.dumps(cell)],
+                                    env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((proc, cell))
+        time.sleep(1.0)
+        for proc, cell in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, cell))
+                status = "done" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}, see its .log)"
+                print(f"{cell_name(cell['variant'], cell['chooser'], cell['n'], cell['seed'])}: {status}", flush=True)
+
+
+def load_reports(cells: list[dict]) -> list[dict]:
+    reports = []
+    for c in cells:
+        path = Path(c["out"]) / "report.json"
+        if path.exists():
+            reports.append({**json.loads(path.read_text()), "variant": c["variant"]})
+    return reports
+
+
+def _stat(values: list[float], fmt: str) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt.replace('+', ''))}"
+
+
+def _at(report: dict, clicks: int) -> dict | None:
+    return next((c for c in report["checkpoints"] if c["clicks"] == clicks), None)
+
+
+def chooser_rows(reports: list[dict], clicks: int) -> list[str]:
+    """One row per (variant, chooser, mode): its own score's win rate and effect, mean ± sd over seeds."""
+    rows = []
+    keys = sorted({(r["variant"], r["oracle"], r["n"]) for r in reports if r["oracle"] != CONTROL})
+    for variant, chooser, n in keys:
+        group = [r for r in reports if (r["variant"], r["oracle"], r["n"]) == (variant, chooser, n)]
+        cells = []
+        for c in EVAL_AT:
+            if c > clicks:
+                continue
+            points = [p for p in (_at(r, c) for r in group) if p]
+            cells.append(_stat([p["oracles"][chooser]["win_rate"] * 100 for p in points], ".0f") + "% / "
+                         + _stat([p["oracles"][chooser]["effect_size"] for p in points], "+.2f"))
+        last = [r["checkpoints"][-1] for r in group]
+        fid = [p["fidelity_vs_base"] * 100 for p in last if p.get("fidelity_vs_base") is not None]
+        fresh = [p["fresh_accuracy"] * 100 for p in last if p.get("fresh_accuracy") is not None]
+        secs = [r["seconds_per_click"] for r in group]
+        mode = "pairs" if n == 2 else f"best of {n}"
+        rows.append(f"| {variant} | {chooser} | {mode} | {len(group)} | " + " | ".join(cells)
+                    + f" | {_stat(fid, '.0f')}% | {_stat(fresh, '.0f')}% | {_stat(secs, '.1f')} |")
+    return rows
+
+
+def control_rows(reports: list[dict]) -> list[str]:
+    """Random clicks, scored by every chooser: the drift a setting causes without any preference."""
+    rows = []
+    for variant, n in sorted({(r["variant"], r["n"]) for r in reports if r["oracle"] == CONTROL}):
+        group = [r for r in reports if (r["variant"], r["n"], r["oracle"]) == (variant, n, CONTROL)]
+        last = [r["checkpoints"][-1] for r in group]
+        cells = [_stat([p["oracles"][name]["win_rate"] * 100 for p in last], ".0f") + "% / "
+                 + _stat([p["oracles"][name]["effect_size"] for p in last], "+.2f") for name in CHOOSERS]
+        fid = [p["fidelity_vs_base"] * 100 for p in last if p.get("fidelity_vs_base") is not None]
+        mode = "pairs" if n == 2 else f"best of {n}"
+        rows.append(f"| {variant} | {mode} | {len(group)} | {last[0]['clicks']} | " + " | ".join(cells)
+                    + f" | {_stat(fid, '.0f')}% |")
+    return rows
+
+
+def markdown(reports: list[dict], variants: dict, command: str, clicks: int, eval_pairs: int, minutes: float) -> str:
     lines = [
-        "## Learning: simulated users on the embedded model",
+        "## Learning: simulated choosers on the embedded model",
         "",
-        f"Command: `python -m d3po_studio.bench.learning --rounds {rounds} --control-rounds {control_rounds}` "
-        f"({time.strftime('%Y-%m-%d')}, {seconds / 60:.0f} min on this 2-core CPU). Settings: "
-        f"steps {s['steps']}, guidance {s['guidance']}, eta {s['eta']}, β {s['beta']}, lr {s['lr']}, "
-        f"reduction {s['reduction']}, LoRA rank {s['lora_rank']} on {', '.join(s['lora_targets'])}, "
-        f"dtype {first['runtime']['dtype']}, optimizer {first['runtime']['optimizer']}. "
-        f"Evaluation: {eval_pairs} held-out (prompt, seed) pairs, base vs tuned with the same noise; "
-        "win = tuned beats base by more than 0.25 σ_base of the oracle's score; effect = mean change / σ_base; "
-        "fidelity = colour-and-kind correctness of tuned / base (core/embedded/checker.py). One run per cell.",
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, {minutes:.0f} min for the cells run this time, "
+        "2 shared CPU cores, one torch thread per cell). Each cell: a fresh session, "
+        f"{clicks} clicks of prompts drawn from the embedded world, {eval_pairs} held-out (prompt, seed) pairs "
+        "rendered by base and tuned model with the same noise. **win** = tuned beats base by more than "
+        "0.25 σ_base of the chooser's score; **effect** = mean change / σ_base; **fidelity** = colour-and-kind "
+        "correctness tuned ÷ base (core/embedded/checker.py); **fresh acc.** = share of (step, pair) log-ratio "
+        "comparisons that already ranked the chooser's winner first on each new batch, before its update "
+        "(mean over the clicks since the previous evaluation; 50% = no generalisation). Mean ± sd over seeds.",
         "",
-        "| oracle | mode | " + " | ".join(f"win / effect @{c}" for c in EVAL_AT if c <= rounds)
-        + " | fidelity vs base | s/click |",
-        "|---|---|" + "---|" * len([c for c in EVAL_AT if c <= rounds]) + "---|---|",
+        "Variants (settings on top of the defaults of `core/config.py`, plus no gradient checkpointing, "
+        "which changes no number): " + "; ".join(f"**{k}**: {', '.join(f'{a}={b}' for a, b in v.items()) or 'the defaults'}"
+                                                 for k, v in variants.items()) + ".",
+        "",
+        "| variant | chooser | mode | seeds | " + " | ".join(f"win / effect @{c}" for c in EVAL_AT if c <= clicks)
+        + " | fidelity | fresh acc. | s/click |",
+        "|---|---|---|---|" + "---|" * len([c for c in EVAL_AT if c <= clicks]) + "---|---|---|",
+        *chooser_rows(reports, clicks),
+        "",
+        "Control: random clicks, scored by each chooser at the last evaluation (win / effect):",
+        "",
+        "| variant | mode | seeds | clicks | " + " | ".join(CHOOSERS) + " | fidelity |",
+        "|---|---|---|---|" + "---|" * len(CHOOSERS) + "---|",
+        *control_rows(reports),
     ]
-    for r in runs:
-        lines.append(_row(r, r["oracle"], "pairs" if r["n"] == 2 else f"best of {r['n']}", rounds))
-    lines += ["", f"Control: the `random` oracle, {control_rounds} clicks, mean over seeds {CONTROL_SEEDS}, "
-              "scored by each oracle:", "",
-              "| scored by | margin win rate | effect size |", "|---|---|---|"]
-    for name in ORACLES:
-        wins = [c["checkpoints"][-1]["oracles"][name]["win_rate"] for c in controls]
-        effects = [c["checkpoints"][-1]["oracles"][name]["effect_size"] for c in controls]
-        lines.append(f"| {name} | {statistics.mean(wins):.0%} | {statistics.mean(effects):+.2f} |")
-    fid = [c["checkpoints"][-1]["fidelity_vs_base"] for c in controls if c["checkpoints"][-1]["fidelity_vs_base"]]
-    if fid:
-        lines.append(f"\nControl fidelity vs base: {statistics.mean(fid):.0%}.")
     return "\n".join(lines)
 
 
-def _row(report: dict, oracle: str, mode: str, rounds: int) -> str:
+def plan(args) -> tuple[list[dict], dict]:
+    variants = {"default": {}}
+    for spec in args.variant or []:
+        name, *pairs = spec
+        variants[name] = {k: parse_value(v) for k, v in (p.split("=", 1) for p in pairs)}
+    if args.only:
+        variants = {k: v for k, v in variants.items() if k in args.only}
     cells = []
-    by_clicks = {c["clicks"]: c for c in report["checkpoints"]}
-    for c in EVAL_AT:
-        if c > rounds:
-            continue
-        m = by_clicks[c]["oracles"][oracle] if c in by_clicks else None
-        cells.append(f"{m['win_rate']:.0%} / {m['effect_size']:+.2f}" if m else "—")
-    fid = report["checkpoints"][-1]["fidelity_vs_base"]
-    fid_text = f"{fid:.0%}" if fid is not None else "—"
-    return f"| {oracle} | {mode} | " + " | ".join(cells) + f" | {fid_text} | {report['seconds_per_click']:.2f} |"
+    # seeds outermost: a study stopped early still has every cell's first seeds
+    for seed, (name, settings), chooser, n in itertools.product(args.seeds, variants.items(), args.choosers, args.modes):
+        out = Path(args.workdir) / cell_name(name, chooser, n, seed)
+        cells.append({"variant": name, "settings": settings, "chooser": chooser, "n": n, "seed": seed,
+                      "clicks": args.clicks, "eval_pairs": args.eval_pairs, "out": str(out)})
+    return cells, variants
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=100)
+    p.add_argument("--cell", help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="brighter and random, pairs, 25 clicks, 2 seeds, 24 pairs")
+    p.add_argument("--clicks", type=int, default=50)
     p.add_argument("--modes", type=int, nargs="+", default=[2, 4], help="images per click")
-    p.add_argument("--control-rounds", type=int, default=50)
-    p.add_argument("--eval-pairs", type=int, default=32)
-    p.add_argument("--workdir", help="keep the sessions here (default: a temporary folder)")
+    p.add_argument("--choosers", nargs="+", default=[*CHOOSERS, CONTROL])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--eval-pairs", type=int, default=48)
+    p.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                   help="a settings variant to run beside the defaults (repeatable)")
+    p.add_argument("--only", nargs="+", help="run only these variants (e.g. default)")
+    p.add_argument("--jobs", type=int, default=2, help="cells at once (one torch thread each)")
+    p.add_argument("--workdir", help="keep the cells here; existing reports are reused (default: a temp folder)")
     p.add_argument("--docs", default=None, help="benchmarks.md to write (default docs/benchmarks.md)")
+    p.add_argument("--no-docs", action="store_true", help="print the table only")
     args = p.parse_args(argv)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="d3po-learning-"))
+    if args.cell:
+        run_cell(json.loads(args.cell))
+        return
+    if args.quick:
+        args.clicks, args.modes, args.choosers, args.seeds, args.eval_pairs = 25, [2], ["brighter", CONTROL], [0, 1], 24
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="d3po-learning-")
+    cells, variants = plan(args)
     start = time.perf_counter()
-    results = run(args.rounds, tuple(args.modes), args.eval_pairs, args.control_rounds, workdir, {})
-    text = markdown(results, args.rounds, args.control_rounds, args.eval_pairs, time.perf_counter() - start)
-    kwargs = {"path": args.docs} if args.docs else {}
-    write_section("learning", text, **kwargs)
+    run_cells(cells, args.jobs)
+    reports = load_reports(cells)
+    command = "python -m d3po_studio.bench.learning " + " ".join(a for a in (argv or sys.argv[1:]))
+    text = markdown(reports, variants, command.strip(), args.clicks, args.eval_pairs, (time.perf_counter() - start) / 60)
+    if not args.no_docs:
+        write_section("learning", text, **({"path": args.docs} if args.docs else {}))
     print(text)
 
 

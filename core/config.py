@@ -16,6 +16,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 OPTIMIZERS = ("auto", "adamw8bit", "adamw")
 ATTENTIONS = ("auto", "xformers", "sdpa")
 BACKWARDS = ("joint", "split")
+OBJECTIVES = ("d3po", "diffusion-dpo")
+STEP_WEIGHTS = ("noise", "none")
 
 
 @dataclass(frozen=True)
@@ -26,9 +28,15 @@ class Settings:
     eta: float = 1.0                # DDIM stochasticity; D3PO needs eta > 0 to have log-probs
     height: int | None = None       # image height in px; None = the model's native size
     width: int | None = None        # image width in px; None = the model's native size
-    # --- the D3PO update ----------------------------------------------------
-    beta: float = 0.3               # inverse temperature of the preference loss (a trust region)
-    lr: float = 1e-2                # learning rate of the LoRA optimizer (docs/settings.md: calibration)
+    # --- the update -----------------------------------------------------------
+    objective: str = "d3po"         # "d3po" (per-step, on the trajectory) or "diffusion-dpo" (final images)
+    step_weight: str = "noise"      # D3PO per-step log-ratio scale: "noise" (σ²/c², docs/algorithm.md) or "none" (official)
+    logprob_pool: int = 1           # D3PO: score each step on r×r average-pooled latents (1 = the full step)
+    step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
+    beta: float = 0.3               # inverse temperature of the D3PO loss
+    lr: float = 1e-2                # learning rate of the LoRA optimizer (sets only the direction when step_rms is on)
+    dpo_beta: float = 5000.0        # β of the diffusion-dpo objective (diffusers' example scale)
+    dpo_timesteps: int = 4          # random timesteps per click for the diffusion-dpo objective
     reduction: str = "sum"          # log-prob over latent elements: "sum" (default) or "mean" (official)
     train_fraction: float = 1.0     # share of the kept steps trained per update (1 = all)
     ratio_clip: float | None = None  # official clamp of exp(log pi - log ref) to [1-c, 1+c]; None = off
@@ -57,6 +65,13 @@ class Settings:
         for name in ("height", "width"):
             v = getattr(self, name)
             _check(v is None or (v >= 8 and v % 8 == 0), name, v, "use a multiple of 8, or None")
+        _check(self.objective in OBJECTIVES, "objective", self.objective, f"use one of {OBJECTIVES}")
+        _check(self.step_weight in STEP_WEIGHTS, "step_weight", self.step_weight, f"use one of {STEP_WEIGHTS}")
+        _check(self.step_rms is None or self.step_rms > 0, "step_rms", self.step_rms,
+               "use None (off) or a positive RMS change such as 0.02")
+        _check(self.logprob_pool >= 1, "logprob_pool", self.logprob_pool, "use 1 (off) or a pooling factor such as 4")
+        _check(self.dpo_beta > 0, "dpo_beta", self.dpo_beta, "use a positive number such as 5000")
+        _check(self.dpo_timesteps >= 1, "dpo_timesteps", self.dpo_timesteps, "use 1 or more timesteps")
         _check(self.beta > 0, "beta", self.beta, "use a positive number such as 0.1")
         _check(self.lr > 0, "lr", self.lr, "use a positive learning rate such as 3e-3")
         _check(self.reduction in REDUCTIONS, "reduction", self.reduction, f"use one of {REDUCTIONS}")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 REDUCTIONS = ("sum", "mean")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -42,6 +43,52 @@ def step_coefficients(scheduler, timestep: int, eta: float) -> tuple[float, floa
     return alpha_prod_t, alpha_prod_t_prev, sigma_t
 
 
+STEP_WEIGHTS = ("noise", "none")
+
+
+def output_coefficient(scheduler, timestep: int, eta: float) -> float:
+    """c_t: the coefficient of the model output in the DDIM mean μ_t (∂μ_t/∂output, per element).
+
+    epsilon:      μ_t = √ᾱ_{t-1}·(x_t − √(1−ᾱ_t)·ε̂)/√ᾱ_t + √(1−ᾱ_{t-1}−σ_t²)·ε̂
+                  ⇒ c_t = √(1−ᾱ_{t-1}−σ_t²) − √ᾱ_{t-1}·√(1−ᾱ_t)/√ᾱ_t
+    v_prediction: x̂_0 = √ᾱ_t·x_t − √(1−ᾱ_t)·v, ε̂ = √ᾱ_t·v + √(1−ᾱ_t)·x_t
+                  ⇒ c_t = −√ᾱ_{t-1}·√(1−ᾱ_t) + √(1−ᾱ_{t-1}−σ_t²)·√ᾱ_t
+    sample:       c_t = √ᾱ_{t-1} − √(1−ᾱ_{t-1}−σ_t²)·√ᾱ_t/√(1−ᾱ_t)
+    """
+    a_t, a_prev, sigma_t = step_coefficients(scheduler, timestep, eta)
+    direction = max(1 - a_prev - sigma_t ** 2, 0.0) ** 0.5
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return direction - a_prev ** 0.5 * (1 - a_t) ** 0.5 / a_t ** 0.5
+    if kind == "v_prediction":
+        return -(a_prev ** 0.5) * (1 - a_t) ** 0.5 + direction * a_t ** 0.5
+    if kind == "sample":
+        return a_prev ** 0.5 - direction * a_t ** 0.5 / (1 - a_t) ** 0.5
+    raise ValueError(f"prediction_type {kind!r} is not supported: use epsilon, v_prediction or sample")
+
+
+def step_weight(scheduler, timestep: int, eta: float, weighting: str = "noise") -> float:
+    """The factor w_t that puts a step's log-ratio on the scale of the model's output space.
+
+    With μ_θ − μ_ref = c_t·(f_θ − f_ref) (f: the model output) and x_{t-1} = μ + σ_t·z,
+
+        log π_θ − log π_ref = (c_t/σ_t)·⟨z, f_θ − f_ref⟩ − (c_t²/2σ_t²)·‖f_θ − f_ref‖²,
+
+    so the raw log-ratio scales with (c_t/σ_t)²: on a DDIM grid the last step (σ_t ≈ 0.03 against
+    ≈ 0.3 elsewhere) dominates every other step by two orders of magnitude. ``"noise"`` multiplies
+    it by w_t = σ_t²/c_t², which leaves (σ_t/c_t)·⟨z, δ⟩ − ½‖δ‖², δ = f_θ − f_ref: every step
+    counts on the scale of the noise prediction, as in Diffusion-DPO (Wallace et al. 2023, eq. 14).
+    ``"none"`` is the official D3PO (w_t = 1).
+    """
+    if weighting == "none":
+        return 1.0
+    if weighting != "noise":
+        raise ValueError(f"step_weight={weighting!r}: use one of {STEP_WEIGHTS}")
+    sigma_t = step_coefficients(scheduler, timestep, eta)[2]
+    c_t = output_coefficient(scheduler, timestep, eta)
+    return 0.0 if c_t == 0.0 else sigma_t ** 2 / c_t ** 2
+
+
 def ddim_step_with_logprob(
     scheduler,
     model_output: torch.Tensor,
@@ -51,11 +98,15 @@ def ddim_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     reduction: str = "sum",
+    pool: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw x_{t-1} (or score the given ``prev_sample``) and return ``(x_{t-1}, log p)``.
 
     model_output: the (guided) UNet prediction for ``sample`` = x_t, shape [B, C, H, W].
     generator:    draws the step noise on the CPU (reproducible on any device).
+    pool:         r > 1 scores the r×r average-pooled step instead: pooling is linear, so
+                  pool(x_{t-1}) ~ N(pool(μ_t), (σ_t/r)² I) exactly — the density of a coarse view
+                  of the step, which keeps its low frequencies and drops (r²−1)/r² of the noise.
     Returns log p per batch element, shape [B], in float32; ``None`` when σ_t = 0
     (eta = 0 or a deterministic last step), where no density exists.
     """
@@ -90,6 +141,9 @@ def ddim_step_with_logprob(
     prev_sample = prev_sample.detach().to(mean.device, torch.float32)
     if sigma_t == 0.0:
         return prev_sample, None
+    if pool > 1:
+        return prev_sample, gaussian_logprob(F.avg_pool2d(prev_sample, pool), F.avg_pool2d(mean, pool),
+                                             sigma_t / pool, reduction)
     return prev_sample, gaussian_logprob(prev_sample, mean, sigma_t, reduction)
 
 

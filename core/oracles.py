@@ -12,6 +12,9 @@ Built-ins:
     brighter           mean luminance in [0, 1] (D3PO paper: aesthetic proxy "brightness")
     jpeg-compressible  -(JPEG size in kB at quality 95) (D3PO/DDPO paper's compressibility proxy)
     larger-shape       share of pixels that differ from the border colour (area of the drawn shape)
+    saturated          mean HSV saturation in [0, 1] (vivid colours over washed-out ones)
+    centered           minus the distance of the shape's centre of mass from the image centre,
+                       as a share of the half-diagonal (shapes drawn nearer the middle)
     random             control: a hash of pixels and prompt mapped to [0, 1); reproducible, and
                        carries no information about the image content
 """
@@ -93,3 +96,30 @@ def random_oracle(images: list[Image.Image], prompt: str) -> list[float]:
         digest = hashlib.sha256(prompt.encode() + repr(rgb.size).encode() + rgb.tobytes()).digest()
         scores.append(int.from_bytes(digest[:8], "big") / 2.0**64)
     return scores
+
+
+@register_oracle("saturated")
+def saturated(images: list[Image.Image], prompt: str) -> list[float]:
+    """Mean HSV saturation in [0, 1] (PIL's HSV mode)."""
+    return [float(np.asarray(im.convert("RGB").convert("HSV"), dtype=np.float64)[..., 1].mean() / 255.0)
+            for im in images]
+
+
+def shape_offset(image: Image.Image, distance: float = SHAPE_DISTANCE) -> float:
+    """Distance of the shape's centre of mass from the image centre, as a share of the
+    half-diagonal (1.0 when no pixel differs from the border: no shape, as far as it gets)."""
+    pixels = _rgb(image)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    far = np.linalg.norm(pixels - np.median(border, axis=0), axis=-1) > distance
+    if not far.any():
+        return 1.0
+    h, w = far.shape
+    ys, xs = np.nonzero(far)
+    dy, dx = ys.mean() - (h - 1) / 2, xs.mean() - (w - 1) / 2
+    return float(np.hypot(dy, dx) / np.hypot((h - 1) / 2, (w - 1) / 2))
+
+
+@register_oracle("centered")
+def centered(images: list[Image.Image], prompt: str) -> list[float]:
+    """Minus shape_offset: a shape nearer the middle of the image scores higher."""
+    return [-shape_offset(im) for im in images]

@@ -6,7 +6,9 @@
 Data-parallel over preferences: in each optimizer step of ``batch`` preferences, process r
 takes preferences r, r+W, r+2W, ...; local gradients are summed across processes before
 clipping and the (identical) optimizer step, so W processes match one process with the same
-effective batch. The session's own checkpoints are not touched.
+effective batch. The session's own checkpoints are not touched. Each preference's gradients come
+from the session's objective (core/objectives.py); the optimizer's step is taken as it is (the
+trust region of ``step_rms`` measures one click's trajectory, and a replay step spans a batch).
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ from .errors import SessionError
 from .lora import add_lora, lora_state
 from .loss import pairs_from_best, pairs_from_ranking
 from .runtime import make_optimizer, resolve_runtime
-from .sampling import Trajectory, make_scheduler
+from .objectives import get_objective
+from .sampling import Trajectory
 from .storage import SessionFolder, read_tensors
-from .split import gradient_function
-from .update import apply_gradients, steps_to_train
+from .update import apply_gradients
 
 log = logging.getLogger("d3po_studio")
 
@@ -96,12 +98,8 @@ def _local_gradients(pipe, folder, chunk, settings: Settings, batch_size: int, d
         rec = folder.read_round(rid)
         s = settings.replace(**rec["sampling"])
         traj = Trajectory.from_tensors(read_tensors(folder.round_dir(rid) / "trajectory.safetensors"))
-        scheduler = make_scheduler(pipe, len(traj.timesteps))
         gen = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-        steps = steps_to_train(traj, scheduler, s.eta, s.train_fraction, gen)
-        m = gradient_function(s.backward)(
-            pipe, traj, pairs, steps=steps, beta=s.beta, guidance=s.guidance if s.guidance_in_update else 1.0,
-            eta=s.eta, reduction=s.reduction, ratio_clip=s.ratio_clip, device=device, weight=1.0 / batch_size)
+        m = get_objective(s.objective)(pipe, traj, pairs, s, device=device, generator=gen, weight=1.0 / batch_size)
         totals["loss"] += m["loss"] / batch_size
     return totals
 

@@ -69,8 +69,13 @@ def evaluate(session, pairs, base_images, clicks: int) -> tuple[dict, list]:
 
 
 def run_simulation(out, *, oracle: str, rounds: int, n: int = 2, seed: int = 0, eval_pairs: int = 32,
-                   model: str = "embedded", pipeline=None, eval_at=EVAL_AT, progress=None, **settings) -> dict:
-    """Run a simulated session in ``out``/session and write the report there. Returns the report."""
+                   model: str = "embedded", pipeline=None, eval_at=EVAL_AT, progress=None, lag: int = 0,
+                   **settings) -> dict:
+    """Run a simulated session in ``out``/session and write the report there. Returns the report.
+
+    ``lag=1`` trains each click only after the next batch has been sampled, as the pipelined
+    session does (the batch shown after click k comes from the LoRA of click k−1).
+    """
     from .embedded.checker import fidelity
     from .session import Session
     chooser = get_oracle(oracle)
@@ -84,21 +89,28 @@ def run_simulation(out, *, oracle: str, rounds: int, n: int = 2, seed: int = 0, 
         pairs = eval_set(eval_pairs, seed)
         base = [session.render(p, s, scale=0.0)[0] for p, s in pairs]
         base_fid = fidelity(base, [p for p, _ in pairs])
-        rows, click_seconds, tuned = [], [], base
+        rows, click_seconds, fresh, tuned = [], [], [], base
         train_rng = random.Random(f"train-{seed}")
         checkpoints = sorted({c for c in eval_at if c < rounds} | {rounds})
+        queue: list = []
         for click in range(1, rounds + 1):
-            click_seconds.append(_click(session, chooser, train_rng, n))
+            seconds, report = _click(session, chooser, train_rng, n, queue, lag)
+            click_seconds.append(seconds)
+            fresh.append(report.get("accuracy"))
+            if click == rounds:       # the last clicks still in the queue land before the report
+                while queue:
+                    session.prefer(*queue.pop(0))
             if click in checkpoints:
                 row, tuned = evaluate(session, pairs, base, click)
                 row["fidelity_vs_base"] = _ratio(row["fidelity"], base_fid)
+                row["fresh_accuracy"] = _mean_recent(fresh, click - (rows[-1]["clicks"] if rows else 0))
                 rows.append(row)
             if progress:
                 progress(click, rounds)
         report = {"oracle": oracle, "rounds": rounds, "n": n, "seed": seed, "model": model,
                   "settings": session.settings.to_dict(), "runtime": session.runtime.describe(),
                   "base_fidelity": base_fid, "checkpoints": rows,
-                  "seconds_per_click": float(np.median(click_seconds))}
+                  "seconds_per_click": float(np.median(click_seconds)), "fresh_accuracy": fresh}
     report["summary"] = _summary(report)
     write_json(out / "report.json", report)
     _compare_png(base[:8], tuned[:8], out / "compare.png")
@@ -106,14 +118,26 @@ def run_simulation(out, *, oracle: str, rounds: int, n: int = 2, seed: int = 0, 
     return report
 
 
-def _click(session, chooser, rng: random.Random, n: int) -> float:
+def _click(session, chooser, rng: random.Random, n: int, queue: list, lag: int) -> tuple[float, dict]:
+    """One simulated click: sample, let the chooser pick, train the click ``lag`` clicks back.
+
+    Returns (seconds, update report). The report's ``accuracy`` is the fresh-pair accuracy: the
+    share of (step, pair) log-ratio comparisons that already rank the chooser's winner first,
+    measured before the update (with lag 0, on the batch just sampled).
+    """
     from .embedded.world import random_prompt
     start = time.perf_counter()
     prompt = random_prompt(rng)
     batch = session.sample(prompt, n=n, seed=rng.randrange(EVAL_SEED_OFFSET))
     scores = chooser(batch.images, prompt)
-    session.prefer(batch, best=int(np.argmax(scores)))
-    return time.perf_counter() - start
+    queue.append((batch, int(np.argmax(scores))))
+    report = session.prefer(*queue.pop(0)) if len(queue) > lag else {}
+    return time.perf_counter() - start, report
+
+
+def _mean_recent(values: list, count: int) -> float | None:
+    recent = [v for v in values[-count:] if v is not None] if count > 0 else []
+    return float(np.mean(recent)) if recent else None
 
 
 def _ratio(tuned: dict, base: dict) -> float | None:
@@ -125,7 +149,8 @@ def _summary(report: dict) -> dict:
     own = last["oracles"][report["oracle"]]
     return {"oracle": report["oracle"], "clicks": last["clicks"], "n": report["n"],
             "win_rate": own["win_rate"], "effect_size": own["effect_size"],
-            "fidelity_vs_base": last["fidelity_vs_base"], "seconds_per_click": report["seconds_per_click"]}
+            "fidelity_vs_base": last["fidelity_vs_base"], "fresh_accuracy": last.get("fresh_accuracy"),
+            "seconds_per_click": report["seconds_per_click"]}
 
 
 def _compare_png(base, tuned, path: Path) -> None:

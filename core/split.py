@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .logprob import step_weight
 from .lora import lora_disabled
 from .loss import d3po_loss
 from .sampling import Trajectory, make_scheduler
@@ -30,7 +31,8 @@ from .update import accumulate_d3po_gradients, pair_slots, step_logprobs
 def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tuple[int, int]], *,
                                     steps: list[int], beta: float, guidance: float, eta: float,
                                     reduction: str, ratio_clip: float | None, device,
-                                    weight: float = 1.0, progress=None) -> dict[str, float]:
+                                    weight: float = 1.0, progress=None,
+                                    weighting: str = "none", pool: int = 1) -> dict[str, float]:
     """Backward the D3PO loss of every kept step in ``steps``, one image's graph at a time.
 
     Gradients accumulate in the LoRA parameters, scaled by ``weight / len(steps)`` (as in the
@@ -40,7 +42,7 @@ def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tu
     scheduler = make_scheduler(pipe, len(trajectory.timesteps))
     images, w, l = pair_slots(pairs, device)
     totals: dict[str, float] = {}
-    kw = dict(guidance=guidance, eta=eta, reduction=reduction, device=device)
+    kw = dict(guidance=guidance, eta=eta, reduction=reduction, device=device, pool=pool)
     for i, k in enumerate(steps):
         # 1. reference and policy log-probs of all images, no graph
         with torch.no_grad():
@@ -48,7 +50,8 @@ def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tu
                 ref = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
             values = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
         # 2. coefficients ∂L/∂ℓ_j from the loss as a function of the log-prob values
-        coefficients, metrics = loss_coefficients(values, ref, w, l, beta, ratio_clip, weight / len(steps))
+        beta_k = beta * step_weight(scheduler, int(trajectory.timesteps[k]), eta, weighting)
+        coefficients, metrics = loss_coefficients(values, ref, w, l, beta_k, ratio_clip, weight / len(steps))
         # 3. one image at a time: forward with a graph, backward of coefficient × log-prob
         for s, img in enumerate(images):
             if coefficients[s] != 0:

@@ -11,8 +11,9 @@ import time
 
 import torch
 
-from .logprob import ddim_step_with_logprob, step_coefficients
+from .logprob import ddim_step_with_logprob, step_coefficients, step_weight
 from .lora import lora_disabled
+from .memory import offload_for_update
 from .loss import d3po_loss
 from .sampling import Trajectory, make_scheduler, predict_noise
 
@@ -30,31 +31,34 @@ def steps_to_train(trajectory: Trajectory, scheduler, eta: float, fraction: floa
 
 
 def step_logprobs(unet, scheduler, trajectory: Trajectory, k: int, images: list[int], *,
-                  guidance: float, eta: float, reduction: str, device) -> torch.Tensor:
+                  guidance: float, eta: float, reduction: str, device, pool: int = 1) -> torch.Tensor:
     """log π(x_{t-1} | x_t) at kept step k for the given images, with the UNet as it is now."""
     x_t = trajectory.latents[k, images].to(device, torch.float32)
     x_prev = trajectory.latents[k + 1, images].to(device, torch.float32)
     cond = {key: v.to(device) for key, v in trajectory.cond.items()}
     t = int(trajectory.timesteps[k])
     eps = predict_noise(unet, x_t, t, cond, guidance)
-    _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev, reduction=reduction)
+    _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev, reduction=reduction, pool=pool)
     return logp
 
 
 def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[int, int]], *,
                               steps: list[int], beta: float, guidance: float, eta: float,
                               reduction: str, ratio_clip: float | None, device,
-                              weight: float = 1.0, progress=None) -> dict[str, float]:
+                              weight: float = 1.0, progress=None, weighting: str = "none",
+                              pool: int = 1) -> dict[str, float]:
     """Backward the D3PO loss of every kept step in ``steps``, one step's graph at a time.
 
     Gradients accumulate in the LoRA parameters, scaled by ``weight / len(steps)`` so that the
-    total is ``weight`` × the loss averaged over steps and pairs. Returns averaged metrics.
+    total is ``weight`` × the loss averaged over steps and pairs. ``weighting`` scales each step's
+    log-ratios (``core.logprob.step_weight``: "noise" or the official "none"), i.e. step k uses
+    β·w_k. ``pool`` > 1 scores the r×r-pooled steps (``ddim_step_with_logprob``). Returns averaged metrics.
     """
     unet = pipe.unet
     scheduler = make_scheduler(pipe, len(trajectory.timesteps))
     images, w, l = pair_slots(pairs, device)
     totals: dict[str, float] = {}
-    kw = dict(guidance=guidance, eta=eta, reduction=reduction, device=device)
+    kw = dict(guidance=guidance, eta=eta, reduction=reduction, device=device, pool=pool)
     for i, k in enumerate(steps):
         # 1. reference log-probs: same UNet, LoRA off, no graph
         with torch.no_grad(), lora_disabled(unet):
@@ -62,7 +66,8 @@ def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[in
         # 2. policy log-probs with the graph of this step only
         logp = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
         # 3. loss of this step, backward now (frees the graph before the next step)
-        loss, metrics = d3po_loss(logp[w], logp[l], ref[w], ref[l], beta, ratio_clip)
+        beta_k = beta * step_weight(scheduler, int(trajectory.timesteps[k]), eta, weighting)
+        loss, metrics = d3po_loss(logp[w], logp[l], ref[w], ref[l], beta_k, ratio_clip)
         (loss * (weight / len(steps))).backward()
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value / len(steps)
@@ -98,26 +103,27 @@ def apply_gradients(params: list[torch.nn.Parameter], optimizer, grad_clip: floa
 
 def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, update_index: int,
                progress=None) -> tuple[dict[str, float], float]:
-    """One whole update for one click: gradients of the objective, checks, optimizer step.
+    """One whole update for one click: objective gradients, checks, optimizer step, trust region.
 
-    Raises FloatingPointError (nothing stepped) on a non-finite loss or gradient, SessionError
-    when the batch has no stochastic step. Returns ``(metrics, gradient norm)``.
+    1. the objective named by ``s.objective`` (core/objectives.py) accumulates its gradients;
+    2. a non-finite loss or gradient raises FloatingPointError before anything has stepped;
+    3. the optimizer steps; with ``s.step_rms`` the step is then rescaled so that the model's
+       predictions along this batch's trajectory move by exactly that RMS (core/trust_region.py).
+    Returns ``(metrics, gradient norm)``.
     """
-    from .errors import SessionError
-    from .split import gradient_function
-    scheduler = make_scheduler(pipe, len(traj.timesteps))
-    gen = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
-    steps = steps_to_train(traj, scheduler, s.eta, s.train_fraction, gen)
-    if not steps:
-        raise SessionError("this batch has no stochastic step to train (eta = 0?)")
-    metrics = gradient_function(s.backward)(
-        pipe, traj, pairs, steps=steps, beta=s.beta,
-        guidance=s.guidance if s.guidance_in_update else 1.0, eta=s.eta, reduction=s.reduction,
-        ratio_clip=s.ratio_clip, device=device, progress=progress)
+    from .objectives import get_objective
+    from .trust_region import TrustRegion
+    generator = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
+    with offload_for_update(pipe, device):   # text encoders and VAE off the accelerator meanwhile
+        metrics = get_objective(s.objective)(pipe, traj, pairs, s, device=device, generator=generator,
+                                             progress=progress)
     if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite loss ({metrics['loss']})")
+    region = TrustRegion.before_step(pipe, traj, pairs, s, params, device) if s.step_rms else None
     grad_norm = apply_gradients(params, optimizer, s.grad_clip)
+    if region is not None:
+        metrics.update(region.rescale(pipe, params, s.step_rms))
     if not all(torch.isfinite(p).all() for p in params):
         raise FloatingPointError("the optimizer step made the LoRA non-finite")
     return metrics, grad_norm

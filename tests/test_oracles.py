@@ -70,3 +70,19 @@ def test_random_is_reproducible_in_range_and_content_blind():
     area = get_oracle("larger-shape")(images, PROMPT)
     for feature in (brightness, area):
         assert abs(np.corrcoef(first, feature)[0, 1]) < 0.25  # |r| < 0.25 at n = 200: no real correlation
+
+
+def test_saturated_prefers_vivid_colours():
+    vivid = render(Scene("red", "circle", "large", "white", 20.0, 32.0, 32.0, (215, 35, 35), (240, 240, 240)))
+    pale = render(Scene("red", "circle", "large", "white", 20.0, 32.0, 32.0, (215, 170, 170), (240, 240, 240)))
+    a, b = get_oracle("saturated")([vivid, pale], PROMPT)
+    assert a > b and 0.0 <= b < a <= 1.0
+    assert get_oracle("saturated")([flat(128)], PROMPT) == [0.0]
+
+
+def test_centered_prefers_a_shape_in_the_middle():
+    middle = render(Scene("red", "circle", "small", "white", 8.0, 32.0, 32.0, (215, 35, 35), (240, 240, 240)))
+    corner = render(Scene("red", "circle", "small", "white", 8.0, 14.0, 14.0, (215, 35, 35), (240, 240, 240)))
+    a, b = get_oracle("centered")([middle, corner], PROMPT)
+    assert a > b and a > -0.05                   # a centred shape: offset ≈ 0
+    assert get_oracle("centered")([flat(200)], PROMPT) == [-1.0]   # no shape: as far as it gets

@@ -1,0 +1,204 @@
+"""The learning rules: per-step scale, trust region, and the Diffusion-DPO objective.
+
+Per-step scale: at the first click, no single kept step carries more than half of the gradient
+norm of the D3PO objective, Σ_k ‖g_k‖ (the official, unweighted rule gives the last step most of
+it on the embedded model). Trust region: one click moves the model's predictions by the set
+RMS. Diffusion-DPO: loss against hand-computed numbers, exact reference, session round trip.
+"""
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+
+from d3po_studio.core.config import Settings
+from d3po_studio.core.diffusion_dpo import diffusion_dpo_loss, noised
+from d3po_studio.core.embedded import WEIGHTS_DIR
+from d3po_studio.core.errors import ConfigError
+from d3po_studio.core.logprob import output_coefficient, step_coefficients, step_weight
+from d3po_studio.core.lora import add_lora
+from d3po_studio.core.sampling import sample_trajectory
+from d3po_studio.core.tiny import SCHEDULER, tiny_pipeline
+from d3po_studio.core.trust_region import predictions, probe_steps, rms_change
+from d3po_studio.core.update import accumulate_d3po_gradients
+
+HAS_EMBEDDED = (WEIGHTS_DIR / "model_index.json").exists()
+
+
+def _pipeline(family: str):
+    if family == "embedded":
+        from diffusers import StableDiffusionPipeline
+        return StableDiffusionPipeline.from_pretrained(WEIGHTS_DIR, local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False), 64
+    pipe = tiny_pipeline("sdxl" if family == "sdxl" else "sd1")
+    if family == "sd2v":
+        pipe.scheduler = DDIMScheduler(**{**SCHEDULER, "prediction_type": "v_prediction"})
+    return pipe, 16
+
+
+def _step_gradient_shares(pipe, size: int, weighting: str, steps: int = 10) -> list[float]:
+    """Share ‖g_k‖ / Σ_j ‖g_j‖ of the first click's D3PO gradient norm, per kept step k."""
+    pipe.set_progress_bar_config(disable=True)
+    params = add_lora(pipe.unet, 4, 4.0, ("to_q", "to_k", "to_v", "to_out.0"))
+    traj = sample_trajectory(pipe, "a red circle", "", 2, seed=3, steps=steps, guidance=3.0, eta=1.0,
+                             height=size, width=size, device="cpu")
+    squared = []
+    for k in range(steps):
+        for p in params:
+            p.grad = None
+        accumulate_d3po_gradients(pipe, traj, [(0, 1)], steps=[k], beta=1.0, guidance=3.0, eta=1.0,
+                                  reduction="sum", ratio_clip=None, device="cpu", weighting=weighting)
+        squared.append(sum(float((p.grad ** 2).sum()) for p in params if p.grad is not None))
+    norms = [s ** 0.5 for s in squared]
+    return [n / sum(norms) for n in norms]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2v", "sdxl", "embedded"])
+def test_no_single_step_carries_half_the_gradient(family):
+    if family == "embedded" and not HAS_EMBEDDED:
+        pytest.skip("the embedded model's weights are not in this checkout")
+    pipe, size = _pipeline(family)
+    shares = _step_gradient_shares(pipe, size, "noise")
+    assert max(shares) < 0.5, [round(s, 3) for s in shares]
+
+
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="the embedded model's weights are not in this checkout")
+def test_official_weighting_lets_the_last_step_dominate_the_embedded_model():
+    pipe, size = _pipeline("embedded")
+    shares = _step_gradient_shares(pipe, size, "none")
+    assert shares[-1] > 0.6, [round(s, 3) for s in shares]   # what the "noise" weighting removes
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_output_coefficient_is_the_derivative_of_the_ddim_mean(prediction_type):
+    """c_t = ∂μ_t/∂output, by finite differences of the DDIM mean of ddim_step_with_logprob."""
+    from d3po_studio.core.logprob import ddim_step_with_logprob
+    scheduler = DDIMScheduler(**{**SCHEDULER, "prediction_type": prediction_type})
+    scheduler.set_timesteps(10)
+    x_t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for t in scheduler.timesteps.tolist()[:-1]:
+        sigma = step_coefficients(scheduler, t, 1.0)[2]
+        mean = [_mean_from(ddim_step_with_logprob, scheduler, o, t, x_t, sigma) for o in (out, out + 1e-3)]
+        c = float(((mean[1] - mean[0]) / 1e-3).mean())
+        assert c == pytest.approx(output_coefficient(scheduler, t, 1.0), rel=1e-2, abs=1e-3)
+
+
+def _mean_from(step, scheduler, out, t, x_t, sigma):
+    """μ_t of a DDIM step: a drawn x_{t-1} minus σ_t times the very noise it drew (same seed)."""
+    sample, _ = step(scheduler, out, t, x_t, 1.0, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(5))
+    return sample - sigma * noise
+
+
+def test_noise_weighting_values_on_the_embedded_schedule():
+    """σ_t²/c_t² on the embedded model's 10 trailing steps (NOTES §7 lists 0.48 … 1.07 … 0.007)."""
+    import json
+    config = json.loads((WEIGHTS_DIR / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = DDIMScheduler.from_config(config)
+    scheduler.set_timesteps(10)
+    weights = [step_weight(scheduler, t, 1.0) for t in scheduler.timesteps.tolist()]
+    assert weights[0] == pytest.approx(0.4766, abs=1e-3) and weights[-1] == pytest.approx(0.0073, abs=1e-3)
+    assert step_weight(scheduler, 999, 1.0, "none") == 1.0
+    with pytest.raises(ValueError, match="step_weight"):
+        step_weight(scheduler, 999, 1.0, "snr")
+
+
+# ------------------------------------------------------------------ trust region
+def test_probe_steps_and_rms_change():
+    assert probe_steps(10) == [0, 4, 9] and probe_steps(2) == [0, 1] and probe_steps(3) == [0, 1, 2]
+    before = [torch.zeros(2, 3), torch.zeros(4)]
+    after = [torch.full((2, 3), 2.0), torch.zeros(4)]   # 6 elements moved by 2, 4 unmoved
+    assert rms_change(before, after) == pytest.approx(math.sqrt(24 / 10))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_one_click_moves_the_predictions_by_step_rms(tmp_path, family):
+    from d3po_studio import Session
+    pipe = tiny_pipeline(family)
+    rho = 0.01
+    with Session.open(tmp_path / "s", model=f"tiny-{family}", pipeline=pipe, steps=6, dtype="float32",
+                      optimizer="adamw", step_rms=rho) as s:
+        for click in range(2):
+            batch = s.sample("a red circle", n=2, seed=click)
+            steps = list(range(6))
+            before = predictions(s.pipe, batch.trajectory, steps, [0, 1], s.settings.guidance, "cpu")
+            report = s.prefer(batch, best=1)
+            after = predictions(s.pipe, batch.trajectory, steps, [0, 1], s.settings.guidance, "cpu")
+            probes = probe_steps(6)
+            moved = rms_change([before[k] for k in probes], [after[k] for k in probes])
+            assert moved == pytest.approx(rho, rel=0.05), (click, moved, report)
+            # over every step of the trajectory, not only the probes: the same order of magnitude
+            assert 0.3 * rho < rms_change(before, after) < 3 * rho
+
+
+def test_settings_validate_the_new_fields():
+    with pytest.raises(ConfigError, match="objective"):
+        Settings(objective="ppo")
+    with pytest.raises(ConfigError, match="step_rms"):
+        Settings(step_rms=0.0)
+    with pytest.raises(ConfigError, match="step_weight"):
+        Settings(step_weight="sigma")
+    assert Settings(step_rms=None).step_rms is None
+
+
+# ------------------------------------------------------------------ Diffusion-DPO
+def test_diffusion_dpo_loss_hand_computed():
+    # errors: winner 0.2 → model 0.1 better than ref; loser 0.5 vs ref 0.4 (worse)
+    loss, m = diffusion_dpo_loss(torch.tensor([0.1]), torch.tensor([0.5]), torch.tensor([0.2]),
+                                 torch.tensor([0.4]), beta=10.0)
+    # model_diff = −0.4, ref_diff = −0.2, logits = −10·(−0.2) = 2
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-2.0)), rel=1e-6)
+    assert m["accuracy"] == 1.0
+    # at the reference the loss is ln 2 whatever β
+    loss0, m0 = diffusion_dpo_loss(torch.tensor([0.3, 0.7]), torch.tensor([0.6, 0.1]),
+                                   torch.tensor([0.3, 0.7]), torch.tensor([0.6, 0.1]), beta=5000.0)
+    assert loss0.item() == pytest.approx(math.log(2)) and m0["accuracy"] == 0.0
+
+
+def test_noised_targets():
+    x0, noise = torch.ones(2, 4, 2, 2), torch.full((1, 4, 2, 2), 2.0)
+    x_t, target = noised(x0, noise, 0.64, "epsilon")
+    assert torch.allclose(x_t, torch.full_like(x0, 0.8 + 0.6 * 2)) and torch.equal(target, noise.expand_as(x0))
+    _, v = noised(x0, noise, 0.64, "v_prediction")
+    assert torch.allclose(v, torch.full_like(x0, 0.8 * 2 - 0.6 * 1))
+
+
+def test_diffusion_dpo_round_trip_through_the_session(tmp_path, tiny_sd1):
+    from d3po_studio import Session
+    from d3po_studio.core.lora import lora_state
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
+                      optimizer="adamw", objective="diffusion-dpo", dpo_timesteps=2) as s:
+        fresh = lora_state(s.pipe.unet)
+        batch = s.sample("a red circle", n=2, seed=0)
+        report = s.prefer(batch, best=0)
+        # at the first click the policy equals the reference: loss ln 2 exactly
+        assert report["loss"] == pytest.approx(math.log(2), abs=1e-6)
+        after = lora_state(s.pipe.unet)
+        assert any(not torch.equal(after[k], fresh[k]) for k in fresh)
+        assert s.history()[-1]["status"] == "applied"
+        s.undo()
+        assert all(torch.equal(lora_state(s.pipe.unet)[k], fresh[k]) for k in fresh)
+        path = s.export_lora(tmp_path / "dpo.safetensors")
+        assert path.exists()
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1) as again:
+        assert again.settings.objective == "diffusion-dpo"
+
+
+def test_pooled_logprob_is_the_density_of_the_pooled_step():
+    """pool=r scores avg_pool(x_{t-1}) under N(avg_pool(μ), (σ/r)²): checked against torch's Normal."""
+    from d3po_studio.core.logprob import ddim_step_with_logprob
+    scheduler = DDIMScheduler(**SCHEDULER)
+    scheduler.set_timesteps(10)
+    t = int(scheduler.timesteps[3])
+    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    prev, _ = ddim_step_with_logprob(scheduler, out, t, x_t, 1.0, generator=torch.Generator().manual_seed(2))
+    _, full = ddim_step_with_logprob(scheduler, out, t, x_t, 1.0, prev_sample=prev)
+    _, pooled = ddim_step_with_logprob(scheduler, out, t, x_t, 1.0, prev_sample=prev, pool=4)
+    sigma = step_coefficients(scheduler, t, 1.0)[2]
+    mean = _mean_from(ddim_step_with_logprob, scheduler, out, t, x_t, sigma)
+    pool = torch.nn.functional.avg_pool2d
+    expected = torch.distributions.Normal(pool(mean, 4), sigma / 4).log_prob(pool(prev, 4)).sum(dim=(1, 2, 3))
+    assert torch.allclose(pooled, expected, rtol=1e-4, atol=1e-3)
+    assert not torch.allclose(pooled, full)
