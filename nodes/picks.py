@@ -97,6 +97,7 @@ def _block(wait: _Wait, node_id: str, check_interrupt, timeout_s: float = 0, pol
                               "set the Pick node's timeout_s to 0 to wait without limit.")
     return wait.answer
 
+
 def parse_answer(payload) -> tuple[str, Answer]:
     """(node_id, Answer) from the JSON body of POST /d3po/pick; ValueError says what is wrong."""
     if not isinstance(payload, dict) or "node_id" not in payload:
