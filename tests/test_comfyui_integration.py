@@ -311,6 +311,12 @@ def _panel_shows(page, n, timeout_ms=30_000):
 def test_panel_comes_back_after_a_reload_and_a_workflow_load(comfy, page):
     """Item 14: the graph is restored after the extension's setup(); the panel must still appear."""
     _load_workflow(page, "d3po_steering_loop_embedded.json")         # node 3 is its D3PO Pick
+    widgets = page.evaluate("() => Object.fromEntries(window.app.graph._nodes.map("
+                            "n => [n.comfyClass, Object.fromEntries((n.widgets ?? []).map(w => [w.name, w.value]))]))")
+    assert widgets["D3POLoadSession"]["session_name"] == "my-embedded-session"
+    assert widgets["D3POSample"]["prompt"] == "a red circle on a white background"
+    assert (widgets["D3POPick"]["mode"], widgets["D3POPick"]["timeout_s"]) == ("click", 0)
+    assert widgets["D3POExportLora"]["file_name"] == ""
     prompt_id = _queue(comfy, embedded_graph(seed=8))
     _pending_pick(comfy, timeout=300)
     _panel_shows(page, 2)                                            # shown live, from the event
