@@ -60,12 +60,13 @@ def sessions_home(home=None) -> Path:
     return data_home(home) / "sessions"
 
 
-def new_run_folder(root: Path, prefix: str) -> Path:
-    """A new, empty folder ``root/prefix-YYYYmmdd-HHMMSS[-k]``, created atomically, so two
-    callers in the same second (two tabs, two commands) never get the same one."""
+def new_run_folder(root: Path, prefix: str, now: datetime.datetime | None = None) -> Path:
+    """A new, empty folder ``root/prefix-YYYYmmdd-HHMMSS[-k]`` (``now`` = the current time),
+    created atomically, so two callers in the same second (two tabs, two commands) never get
+    the same one."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    stamp = f"{prefix}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    stamp = f"{prefix}-{now or datetime.datetime.now():%Y%m%d-%H%M%S}"
     for k in range(1, 1000):
         folder = root / (stamp if k == 1 else f"{stamp}-{k}")
         try:

@@ -100,9 +100,13 @@ def test_two_tabs_sampling_at_once_get_their_own_sessions(server):
 
 
 def test_new_run_folder_names_are_unique_within_a_second(tmp_path):
+    import datetime
     from d3po_studio.gradio_app.paths import new_run_folder
-    folders = [new_run_folder(tmp_path, "session") for _ in range(3)]
-    assert len({f.name for f in folders}) == 3 and all(f.is_dir() for f in folders)
+    now = datetime.datetime(2026, 11, 26, 1, 2, 3)
+    folders = [new_run_folder(tmp_path, "session", now) for _ in range(3)]
+    assert [f.name for f in folders] == ["session-20261126-010203", "session-20261126-010203-2",
+                                         "session-20261126-010203-3"]
+    assert all(f.is_dir() for f in folders)
 
 
 def test_status_says_what_happened_without_internal_ids(server):

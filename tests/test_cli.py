@@ -37,6 +37,33 @@ def test_info_reports_runtime_choices(capsys):
     assert info["runtime"]["optimizer"] in ("adamw8bit", "adamw")
     assert any("attention" in note for note in info["runtime"]["notes"])
     assert info["versions"]["torch"]
+    assert info["data_home"]
+
+
+def test_data_home_order(tmp_path, monkeypatch):
+    """--home, then $D3PO_HOME, then $XDG_DATA_HOME/d3po-studio, then ~/.local/share/d3po-studio."""
+    from d3po_studio.gradio_app.paths import data_home
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.delenv("D3PO_HOME", raising=False)
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    assert data_home() == tmp_path / "user" / ".local" / "share" / "d3po-studio"
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert data_home() == tmp_path / "xdg" / "d3po-studio"
+    monkeypatch.setenv("D3PO_HOME", str(tmp_path / "env"))
+    assert data_home() == tmp_path / "env"
+    assert data_home(tmp_path / "flag") == tmp_path / "flag"
+    assert not list(tmp_path.iterdir())                      # nothing is created by asking
+
+
+def test_ctrl_c_is_a_message(monkeypatch, tmp_path, capsys):
+    import d3po_studio.core.simulate as simulate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(simulate, "run_simulation", interrupted)
+    assert main(["simulate", "--oracle", "brighter", "--out", str(tmp_path / "sim")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted: nothing more was written" in err and "Traceback" not in err
 
 
 def test_export_and_sample(session_on_disk, tmp_path, capsys):
