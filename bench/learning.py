@@ -36,9 +36,10 @@ BENCH_SETTINGS = {"gradient_checkpointing": False}
 
 
 def parse_value(text: str):
-    """A settings value from the command line: none, true/false, numbers, else the string."""
+    """A settings value from the command line: null, true/false, numbers, else the string
+    (so step_weight=none stays the string "none", and step_rms=null is None)."""
     lowered = text.lower()
-    if lowered in ("none", "null"):
+    if lowered == "null":
         return None
     if lowered in ("true", "false"):
         return lowered == "true"
