@@ -271,6 +271,7 @@ def test_pick_timeout_ends_the_run_and_the_queue_moves_on(comfy):
     done = _history(comfy, stuck, timeout=300)
     assert done["status"]["status_str"] == "error"
     assert any("PickTimeout" in json.dumps(m) for m in done["status"]["messages"]), done["status"]
+    assert UPDATE_NODE not in done["outputs"]                # nothing trained from the unanswered round
     assert _history(comfy, after, timeout=300)["status"]["status_str"] == "success"
     assert _get(comfy["url"] + "/d3po/pick") == {}
 
