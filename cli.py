@@ -134,33 +134,7 @@ def _open_existing(folder: str, model: str | None = None):
     sf = SessionFolder(folder)
     if not sf.exists():
         raise SessionError(f"{folder} is not a session folder (no session.json); create one with the app")
-    _check_head_checkpoint(sf)
     return Session.open(folder, model=model or sf.read_meta()["model"])
-
-
-def _check_head_checkpoint(sf) -> None:
-    """A damaged current checkpoint (a file cut short) is a message naming the file, not a
-    traceback from torch.load. (Belongs in core.storage; here until it is there.)"""
-    import pickle
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from .core.errors import SessionError
-    name = sf.head()
-    if name is None:
-        return
-    folder = sf.root / "checkpoints" / name
-    for file in ("lora.safetensors", "optimizer.pt"):
-        try:
-            if file == "optimizer.pt":
-                torch.load(folder / file, map_location="cpu", weights_only=True)
-            else:
-                load_file(folder / file)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as e:
-            raise SessionError(
-                f"checkpoint {name} of session {sf.root} is damaged: {folder / file} cannot be read "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:120]}). Restore it from a backup, or point "
-                f"{sf.root / 'HEAD'} at the previous checkpoint (its meta.json names it as parent)") from None
 
 
 def _sample(args):

@@ -137,12 +137,15 @@ class Callbacks:
         sampling = _sampling(steps, guidance, resolution)          # checked before a session is made
         seed = _round_seed(seed_mode, seed)
         session, created = self._session_or_new(folder, request)
-        with self.cancels.running(request.session_hash, session.pipe.unet):
-            batch = self._sample(session, prompt, negative, n, seed, sampling, progress)
+        menus = self._new_session_menus(session) if created else (gr.skip(), gr.skip())
+        try:
+            with self.cancels.running(request.session_hash, session.pipe.unet):
+                batch = self._sample(session, prompt, negative, n, seed, sampling, progress)
+        except Cancelled:                  # the tab keeps the session it just got
+            return (str(session.folder.root), None, gr.Gallery(value=[]), gr.skip(), gr.skip(), *menus)
         note = (f"Started session **{session.folder.root.name}** on {views.model_name(session.meta['model'])}."
                 if created else "")
-        return (str(session.folder.root), batch.id, *self._batch_outputs(session, batch, note),
-                *(self._new_session_menus(session) if created else (gr.skip(), gr.skip())))
+        return (str(session.folder.root), batch.id, *self._batch_outputs(session, batch, note), *menus)
 
     @shown_errors
     def prefer(self, folder, round_id, best, prompt, negative, n, seed_mode, seed, steps, guidance,
