@@ -231,15 +231,16 @@ def _ratio(r: dict, base: dict | None) -> str:
     return f"{r['peak_bytes'] / base['peak_bytes']:.2f}×" if base else "—"
 
 
-def parse_plan(items: list[str], variants: list[str] | None) -> dict[str, list[str]]:
+def parse_plan(items: list[str], variants: list[str] | None, default_plan=PLAN, known=VARIANTS) -> dict[str, list[str]]:
+    """{"family:size": variant names} from ``--plan`` items, each with ``variants`` or its default."""
     plan = {}
     for item in items:
         if ":" not in item:
             raise SystemExit(f"--plan {item!r}: write family:size, e.g. sd1:512")
-        plan[item] = variants or PLAN.get(item, list(VARIANTS))
-    unknown = [n for names in plan.values() for n in names if n not in VARIANTS]
+        plan[item] = variants or default_plan.get(item, list(known))
+    unknown = [n for names in plan.values() for n in names if n not in known]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}: use {list(VARIANTS)}")
+        raise SystemExit(f"unknown variant(s) {unknown}: use {list(known)}")
     return plan
 
 

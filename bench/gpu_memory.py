@@ -1,0 +1,472 @@
+"""GPU memory and time of one click at native resolution, measured with fake tensors on a CPU.
+
+    OMP_NUM_THREADS=1 nice -n 10 python -m d3po_studio.bench.gpu_memory        # ~25 min, 2 cores
+    python -m d3po_studio.bench.gpu_memory --plan sd1:256 --variants ours --doc /tmp/b.md  # smoke
+
+Full-size SD 1.5, SD 2.1 (768 px, v-prediction) and SDXL pipelines are built from the shipped
+configs (``core/configs/``) under ``FakeTensorMode``: every tensor has its shape, dtype and device
+and no data, so a forward and backward of a full UNet runs in seconds and allocates nothing.
+``core.memory.LiveBytes`` adds up the bytes of the live tensor storages; its peak is what a GPU
+allocator must hold, less fragmentation (tests/test_gpu_memory.py checks it against real tensors).
+
+What runs is the project's own code: a ``Session`` opened on the pipeline (LoRA, optimizer,
+checkpointing, attention as ``Session.open`` sets them), ``core.sampling.sample_trajectory`` for a
+pair with CFG plus the VAE decode, and the session's update (``Session._train_step`` under
+``Session._use_pipe``, i.e. ``core.update.train_step``) for two clicks, so that the optimizer
+states of the first are alive during the second. The official recipe (bench/official.py: a
+deep-copied reference UNet, no checkpointing, 32-bit AdamW, classic attention, both images'
+graphs alive) runs in the same process, on the same pipeline build.
+
+Fake CUDA tensors abort this CPU-only torch build in backward ("not linked with support for cuda
+devices"), so the tensors are fake **CPU** tensors with fp16 weights (the VAE fp32, as
+``Session.open`` prepares it). The CPU stands for the accelerator; ``core.update.train_step``
+moves the text encoders and VAE to the host during an update (``core.memory.offload_for_update``),
+which on a CPU is the same device, so here the same function moves them to the ``meta`` device,
+which the tracker does not count. FLOPs come from ``torch.utils.flop_counter.FlopCounterMode``
+in the same run; seconds on a GPU are an ESTIMATE from them (``CARD``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import json
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from . import report
+
+RESULTS = Path(__file__).resolve().parent / "results" / "gpu_memory.json"
+NATIVE = {"sd1": 512, "sd2": 768, "sdxl": 1024}
+LABELS = {"sd1": "SD 1.5", "sd2": "SD 2.1 (v-prediction)", "sdxl": "SDXL"}
+PROMPT = "a photograph of an astronaut riding a horse"
+STEPS = 20                       # DDIM steps of a sampled pair (Settings.steps)
+KEPT = 2                         # kept steps trained per click here; memory is per kept step
+SAMPLED_STEPS = 2                # sampling steps run here; memory is per step, FLOPs scale to STEPS
+# The GPU whose seconds are estimated from the counted FLOPs.
+CARD = {"name": "NVIDIA GeForce RTX 4090", "fp16_dense_tflops": 165.2, "utilisation": 0.35,
+        "source": "NVIDIA Ada Lovelace architecture whitepaper: 165.2 TFLOPS fp16 tensor with fp32 "
+                  "accumulate, dense (330.4 with sparsity)"}
+TAGS = ("UNet", "reference UNet copy", "text encoders + VAE", "LoRA", "LoRA grads", "optimizer states",
+        "trajectory", "activations")
+
+
+@dataclass(frozen=True)
+class Variant:
+    settings: dict          # Settings fields changed from the defaults
+    offload: bool           # text encoders + VAE off the accelerator during the update
+    note: str               # what differs from ours, in words
+    official: bool = False  # bench/official.py's replica instead of the session's update
+
+
+VARIANTS = {
+    "ours": Variant({}, True, "as shipped (Settings defaults)"),
+    "ours-no-offload": Variant({}, False, "text encoders + VAE stay on the accelerator"),
+    "ours-split": Variant({"backward": "split"}, True, "backward='split'"),
+    "ours-no-checkpointing": Variant({"gradient_checkpointing": False}, True, "gradient checkpointing off"),
+    "official": Variant({}, False, "official recipe: deep-copied reference UNet, no checkpointing, "
+                                   "32-bit AdamW, classic attention, both images' graphs alive", official=True),
+}
+ORDER = ["ours", "official", "ours-split", "ours-no-checkpointing", "ours-no-offload"]   # most needed first
+PLAN = {"sd1:512": ORDER, "sdxl:1024": ORDER, "sd2:768": ORDER, "sd1:1024": ["ours"]}
+
+
+# ------------------------------------------------------------------ fake pipelines
+def fake_mode():
+    """A FakeTensorMode whose outputs can be moved between devices by ``Module.to``.
+
+    The mode memoizes every fake output by a weak reference; ``Module.to`` swaps fake parameters
+    with ``torch.utils.swap_tensors``, which refuses tensors with a weak reference. Outputs never
+    need that memo (it maps the fresh meta tensor behind each output), so it is switched off.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode.fake_tensor_converter.set_tensor_memo = lambda t, v: None
+    return mode
+
+
+def build_pipeline(family: str, mode=None):
+    """The diffusers pipeline of ``family`` from the shipped configs ("tiny-sd1"/"tiny-sdxl": the
+    test pipelines of core/tiny.py), in float32; fake weights when ``mode`` is a FakeTensorMode.
+    ``Session.open`` (``prepare_pipeline``) casts it to the session's dtype, as for a loaded model."""
+    with mode or nullcontext():
+        if family.startswith("tiny-"):
+            from ..core.tiny import tiny_pipeline
+            return tiny_pipeline(family.removeprefix("tiny-"))
+        return _configured_pipeline(family)
+
+
+def _configured_pipeline(family: str):
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from ..core.loading import _PAD_TOKENS, _clip_tokenizer, _config_family, _pipeline_classes, CONFIGS_DIR
+    folder = CONFIGS_DIR / family
+
+    def config(path):
+        return json.loads((folder / path).read_text())
+    parts = {"scheduler": DDIMScheduler.from_config(config("scheduler/scheduler_config.json")),
+             "unet": UNet2DConditionModel.from_config(config("unet/config.json")),
+             "vae": AutoencoderKL.from_config(config("vae/config.json")),
+             "text_encoder": CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder/config.json"))),
+             **{name: _clip_tokenizer(pad) for name, pad in _PAD_TOKENS[_config_family(folder)].items()}}
+    if (folder / "text_encoder_2").is_dir():
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(
+            CLIPTextConfig.from_dict(config("text_encoder_2/config.json")))
+    cls = _pipeline_classes()[config("model_index.json")["_class_name"]]
+    extra = {} if "text_encoder_2" in parts else {"safety_checker": None, "feature_extractor": None,
+                                                  "requires_safety_checker": False}
+    return cls(**parts, **extra)
+
+
+def encoders(pipe) -> list[torch.nn.Module]:
+    from ..core.memory import OFFLOADED
+    return [m for m in (getattr(pipe, n, None) for n in OFFLOADED) if m is not None]
+
+
+# ------------------------------------------------------------------ counting
+class Flops:
+    """FLOPs of torch ops (FlopCounterMode), with torch's CPU flash attention counted as SDPA."""
+
+    def __init__(self):
+        from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+        aten = torch.ops.aten
+
+        def forward(q, k, v, *args, out_shape=None, **kwargs):
+            return sdpa_flop_count(q, k, v)
+
+        def backward(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+            return sdpa_backward_flop_count(grad_out, q, k, v)
+        self.mode = FlopCounterMode(display=False, custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: forward,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+    def total(self) -> int:
+        return self.mode.get_total_flops()
+
+
+def gpu_seconds(flops: float) -> float:
+    """Seconds on ``CARD`` at its stated utilisation of the fp16 dense peak: an estimate."""
+    return flops / (CARD["fp16_dense_tflops"] * 1e12 * CARD["utilisation"])
+
+
+def _breakdown(at_peak: dict) -> dict:
+    out = {tag: int(at_peak.get(tag, 0)) for tag in TAGS if tag != "activations"}
+    out["activations"] = int(sum(v for k, v in at_peak.items() if k not in out))
+    return out
+
+
+# ------------------------------------------------------------------ one configuration
+def measure(family: str, size: int, name: str, sampling: bool = False, kept: int = KEPT,
+            fake: bool = True, dtype: str = "float16", count_flops: bool = True, clicks: int = 2,
+            settings: dict | None = None) -> dict:
+    """Peak live bytes and FLOPs of ``clicks`` clicks' updates (and optionally the sampling) for
+    ``name``, with fake tensors (or real ones, ``fake=False``: the validation on a tiny model).
+    ``settings``: Settings fields set on top of the variant's."""
+    from ..core.memory import LiveBytes
+    from ..core.runtime import adamw8bit_runs_on
+    v = VARIANTS[name]
+    v = dataclasses.replace(v, settings={**v.settings, **(settings or {})})
+    adamw8bit_runs_on("cpu")          # decided on real tensors, before any fake mode (cached)
+    mode, live, started = (fake_mode() if fake else nullcontext()), LiveBytes("cpu"), time.perf_counter()
+    with live, tempfile.TemporaryDirectory(prefix="d3po-gpu-memory-") as folder:
+        pipe = build_pipeline(family, mode if fake else None)
+        setup = _official_setup if v.official else _session_setup
+        with setup(pipe, mode, live, folder, v, size, kept, dtype) as run:
+            live.track_module(pipe.unet, "UNet")
+            for m in encoders(pipe):
+                live.track_module(m, "text encoders + VAE")
+            row = {"variant": name, "family": family, "size": size, "note": v.note, "kept_steps": kept,
+                   "fake": fake, "dtype": dtype}
+            if sampling:
+                row["sampling"] = _measure_sampling(run, live, count_flops)
+            row.update(_measure_clicks(run, pipe, live, size, count_flops, clicks))
+    row["wall_seconds"] = time.perf_counter() - started
+    return row
+
+
+@contextmanager
+def _session_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, dtype: str):
+    """A Session on the pipeline; yields ``run(kind, traj, progress)``: "sample" or "update"."""
+    from ..core import update
+    from ..core.memory import offload_for_update
+    from ..core.session import Session
+    with mode:
+        session = Session.open(folder, model="bench", pipeline=pipe, device="cpu", dtype=dtype, height=size,
+                               width=size, train_fraction=kept / STEPS, **v.settings)
+    live.track(session.params, "LoRA")
+    _tag_grads(session.params, live)
+    offload = functools.partial(offload_for_update, host="meta") if v.offload else update.offload_for_update
+
+    def run(kind, traj=None, progress=None, steps=STEPS):
+        s = session.settings
+        with session._use_pipe():
+            if kind == "sample":
+                with torch.no_grad():
+                    return _sample_and_decode(pipe, s.height, s.width, steps, progress)
+            with mock.patch.object(update, "offload_for_update", offload):
+                result = session._train_step(traj, [(0, 1)], s, progress)
+            for m in encoders(pipe):            # moved back: new storages, same owner
+                live.track_module(m, "text encoders + VAE")
+            live.track(_optimizer_tensors(session.optimizer), "optimizer states")
+            return result
+    try:
+        yield run
+    finally:
+        session.close()
+
+
+@contextmanager
+def _official_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, dtype: str):
+    """bench/official.py's update: a reference copy of the UNet (made after its LoRA, as there),
+    classic attention in both, torch AdamW; yields ``run(kind, traj, progress)``."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from ..core.lora import add_lora
+    from ..core.runtime import resolve_runtime
+    from ..core.sampling import make_scheduler
+    from ..core.session import prepare_pipeline
+    from ..core.update import apply_gradients, steps_to_train
+    from .memory import LORA_TARGETS, _reference_copy
+    from .official import OFFICIAL, official_accumulate
+    with mode:
+        prepare_pipeline(pipe, resolve_runtime("cpu", dtype, "adamw", "sdpa"))
+        params = add_lora(pipe.unet, 4, 4.0, LORA_TARGETS)
+        ref = _reference_copy(pipe.unet)
+        for unet in (pipe.unet, ref):
+            unet.set_attn_processor(AttnProcessor())
+        optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-4)
+    live.track(params, "LoRA")
+    live.track_module(ref, "reference UNet copy")
+    _tag_grads(params, live)
+
+    def run(kind, traj=None, progress=None, steps=STEPS):
+        if kind == "sample":
+            raise ValueError("the official replica is measured for updates only")
+        gen = torch.Generator("cpu").manual_seed(0)
+        steps = steps_to_train(traj, make_scheduler(pipe, STEPS), 1.0, kept / STEPS, gen)
+        official_accumulate(pipe, ref, traj, (0, 1), steps=steps, device=torch.device("cpu"), progress=progress,
+                            **{k: OFFICIAL[k] for k in ("beta", "guidance", "eta", "ratio_clip")})
+        norm = apply_gradients(params, optimizer, 1.0)
+        live.track(_optimizer_tensors(optimizer), "optimizer states")
+        return norm
+    yield run
+
+
+def _tag_grads(params, live) -> None:
+    def hook(p):
+        live.track([p.grad], "LoRA grads")
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
+
+def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
+    return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+
+
+def _sample_and_decode(pipe, height: int, width: int, steps: int = STEPS, progress=None):
+    """core.sampling.sample_trajectory of a pair with CFG, then the VAE decode of ``decode``
+    without its conversion to PIL images (fake tensors have no pixels)."""
+    from ..core.sampling import sample_trajectory
+    traj = sample_trajectory(pipe, PROMPT, "", 2, 0, steps=steps, guidance=5.0, eta=1.0, height=height,
+                             width=width, device=torch.device("cpu"), progress=progress)
+    vae = pipe.vae
+    vae.decode(traj.latents[-1].to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)
+    return traj
+
+
+def _linear_flops(run_counted, steps: int) -> tuple[float, float]:
+    """(fixed, per step) FLOPs of ``run_counted(progress)``, from the counter's total after each step.
+
+    FlopCounterMode is never active while memory is measured: it keeps tensors alive (on SD 1.5 at
+    256 px it raised the peak by 1.1 GB)."""
+    flops, marks = Flops(), []
+    with flops.mode:
+        run_counted(lambda i, n: marks.append(flops.total()))
+    per_step = marks[-1] / len(marks) if marks else 0.0
+    return flops.total() - per_step * len(marks), per_step
+
+
+def _measure_sampling(run, live, count_flops: bool = True) -> dict:
+    """Peak and FLOPs of sampling a pair + decode, run for SAMPLED_STEPS steps: every step holds the
+    same memory (no graph; the kept latents go to the host), FLOPs = fixed + STEPS × per step."""
+    live.reset_peak()
+    with live.tagged("sampling activations"):
+        run("sample", steps=SAMPLED_STEPS)
+    row = {"peak_bytes": live.peak, "at_peak": _breakdown(live.at_peak)}
+    if count_flops:
+        fixed, per_step = _linear_flops(lambda progress: run("sample", steps=SAMPLED_STEPS, progress=progress),
+                                        SAMPLED_STEPS)
+        row.update(flops=fixed + STEPS * per_step, flops_fixed=fixed, flops_per_step=per_step)
+    return row
+
+
+def _measure_clicks(run, pipe, live, size: int, count_flops: bool = True, clicks: int = 2) -> dict:
+    """Clicks on a synthetic pair trajectory: FLOPs counted in the first, the peak taken in the
+    last (with two, the optimizer states of the first are alive then)."""
+    from .synthetic import synthetic_trajectory
+    traj = synthetic_trajectory(pipe, size, steps=STEPS, n=2)
+    live.track([traj.latents, *traj.cond.values()], "trajectory")
+    row = {}
+    with live.tagged("update"):
+        if count_flops:
+            fixed, per_step = _linear_flops(lambda progress: run("update", traj, progress), STEPS)
+            row.update(flops_fixed=fixed, flops_per_kept_step=per_step)
+        elif clicks > 1:
+            run("update", traj)
+        live.reset_peak()
+        run("update", traj)
+    return {**row, "peak_bytes": live.peak, "at_peak": _breakdown(live.at_peak)}
+
+
+# ------------------------------------------------------------------ the report
+def update_flops(row: dict, kept_steps: int) -> float:
+    """FLOPs of a whole update that trains ``kept_steps`` kept steps (measured per kept step)."""
+    return row["flops_fixed"] + kept_steps * row["flops_per_kept_step"]
+
+
+def max_kept_steps(row: dict, seconds: float) -> int:
+    """The most kept steps whose update stays within ``seconds`` on ``CARD`` (estimate)."""
+    budget = seconds * CARD["fp16_dense_tflops"] * 1e12 * CARD["utilisation"] - row["flops_fixed"]
+    return max(0, int(budget // row["flops_per_kept_step"]))
+
+
+def run_plan(plan: dict[str, list[str]], log=print, on_result=None) -> list[dict]:
+    """Each (family:size, variant) in this process, one after the other; sampling with "ours"."""
+    results = []
+    for key, names in plan.items():
+        family, size = key.split(":")
+        for name in names:
+            row = measure(family, int(size), name, sampling=(name == "ours"), count_flops=(name == "ours"))
+            log(f"{key} {name}: peak {report.gb(row['peak_bytes'])} ({row['wall_seconds']:.0f} s)")
+            results.append(row)
+            if on_result:
+                on_result(results)
+    return results
+
+
+def markdown(results: list[dict], command: str) -> str:
+    """The "gpu_memory" section: per model, the variants side by side, then FLOPs and seconds."""
+    out = [f"## GPU memory of a click, measured with fake tensors\n\nMachine: {report.machine()}. "
+           f"Date: {time.strftime('%Y-%m-%d')}. Command: `{command}`.\n", INTRO]
+    for key in dict.fromkeys(f"{r['family']}:{r['size']}" for r in results):
+        rows = [r for r in results if f"{r['family']}:{r['size']}" == key]
+        out += _memory_table(rows)
+    out += _time_table([r for r in results if r["variant"] == "ours"])
+    return "\n".join(out)
+
+
+INTRO = (
+    "Peak of live tensor bytes (`core.memory.LiveBytes`) of the project's own code on full-size "
+    "pipelines built from the shipped configs with fake tensors (fp16 weights, fp32 VAE and LoRA; fake "
+    "CPU tensors standing for the GPU, see `bench/gpu_memory.py`): a session's update of one pair with "
+    f"CFG 5 at the native size, two clicks (the optimizer states of the first alive in the second), "
+    f"{KEPT} kept steps per click (one step's graph at a time, so a 20-step update peaks the same). "
+    "Peak = what torch's CUDA allocator would have to hold, without fragmentation and without the "
+    "CUDA context (≈ 0.3–0.5 GB more in nvidia-smi). \"at the peak\" splits it by owner; activations "
+    "= every other live tensor (the graph saved for backward, attention and temporaries).\n")
+
+
+def _memory_table(rows: list[dict]) -> list[str]:
+    family, size = rows[0]["family"], rows[0]["size"]
+    by = {r["variant"]: r for r in rows}
+    official = by.get("official")
+    head = ["config", "peak", "UNet", "text enc. + VAE", "ref. copy", "LoRA + grads + opt.", "activations",
+            "÷ official", "what"]
+    table = []
+    for r in rows:
+        b = r["at_peak"]
+        small = b["LoRA"] + b["LoRA grads"] + b["optimizer states"]
+        table.append([r["variant"], f"**{report.gb(r['peak_bytes'])}**", report.gb(b["UNet"]),
+                      report.gb(b["text encoders + VAE"]), report.gb(b["reference UNet copy"]),
+                      report.gb(small), report.gb(b["activations"] + b["trajectory"]),
+                      f"{r['peak_bytes'] / official['peak_bytes']:.2f}×" if official else "—", r["note"]])
+    ours = by.get("ours")
+    if ours and "sampling" in ours:
+        smp = ours["sampling"]
+        table.append(["sampling a pair (ours)", f"**{report.gb(smp['peak_bytes'])}**",
+                      report.gb(smp["at_peak"]["UNet"]), report.gb(smp["at_peak"]["text encoders + VAE"]), "—",
+                      report.gb(smp["at_peak"]["LoRA"] + smp["at_peak"]["optimizer states"]),
+                      report.gb(smp["at_peak"]["activations"] + smp["at_peak"]["trajectory"]), "—",
+                      f"{STEPS} steps + VAE decode of 2 images, no graph"])
+    lines = [f"### {LABELS[family]} at {size}×{size} px\n", report.table(head, table), ""]
+    if ours and official:
+        lines.append(f"Ours ÷ official: **{ours['peak_bytes'] / official['peak_bytes']:.2f}×** of the peak.")
+    savings = [f"{VARIANTS[n].note}: {_signed(by[n]['peak_bytes'] - ours['peak_bytes'])}"
+               for n in by if ours and n.startswith("ours-")]
+    if savings:
+        lines.append("Each saving, as the peak with it undone − ours: " + "; ".join(savings) + ".")
+    return lines + [""]
+
+
+def _signed(n_bytes: float) -> str:
+    return ("+" if n_bytes >= 0 else "−") + report.gb(abs(n_bytes))
+
+
+def _time_table(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    out = [f"### Time on a GPU: an ESTIMATE from counted FLOPs\n",
+           f"FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` in the same fake run (matmuls, "
+           f"convolutions and attention; elementwise ops not counted), turned into seconds on an "
+           f"{CARD['name']} at {CARD['utilisation']:.0%} of its fp16 dense peak of "
+           f"{CARD['fp16_dense_tflops']} TFLOPS ({CARD['source']}). An update's FLOPs = fixed part (trust "
+           f"region forwards, optimizer) + kept steps × FLOPs per kept step, both measured. "
+           f"Not measured on a GPU.\n"]
+    head = ["model", "sampling a pair (TFLOP)", "≈ s", "per kept step (TFLOP)", "update, 20 kept steps (TFLOP)",
+            "≈ s", "kept steps within 10 s", "train_fraction for ≤ 10 s"]
+    table = []
+    for r in rows:
+        smp = r.get("sampling", {})
+        full = update_flops(r, STEPS)
+        k = max_kept_steps(r, 10.0)
+        table.append([f"{LABELS[r['family']]} at {r['size']} px",
+                      f"{smp.get('flops', 0) / 1e12:.1f}", f"{gpu_seconds(smp.get('flops', 0)):.1f}",
+                      f"{r['flops_per_kept_step'] / 1e12:.2f}", f"{full / 1e12:.1f}", f"{gpu_seconds(full):.1f}",
+                      str(min(k, STEPS)), f"{min(1.0, k / STEPS):.2f}"])
+    return out + [report.table(head, table), ""]
+
+
+def write_all(results: list[dict], command: str, doc, results_path) -> None:
+    Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "card": CARD, "results": results}
+    Path(results_path).write_text(json.dumps(payload, indent=1))
+    report.write_section("gpu_memory", markdown(results, command), doc)
+
+
+def parse_plan(items: list[str], variants: list[str] | None) -> dict[str, list[str]]:
+    from .memory import parse_plan as parse
+    for item in items:
+        family, _, size = item.partition(":")
+        if family not in NATIVE or not size.isdigit():
+            raise SystemExit(f"--plan {item!r}: write family:size with family in {list(NATIVE)}, e.g. sd1:512")
+    return parse(items, variants, PLAN, VARIANTS)
+
+
+def main(argv=None) -> None:
+    import sys
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--plan", nargs="+", default=list(PLAN), help="family:size items, e.g. sd1:512 sdxl:1024")
+    p.add_argument("--variants", nargs="+", help=f"subset of {list(VARIANTS)} (default: the plan's)")
+    p.add_argument("--doc", default=str(report.DEFAULT_PATH), help="markdown file to write the section into")
+    p.add_argument("--results", default=str(RESULTS), help="JSON file for the raw results")
+    p.add_argument("--rewrite", action="store_true", help="only rewrite the section from --results (no run)")
+    a = p.parse_args(argv)
+    command = "python -m d3po_studio.bench.gpu_memory " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.rewrite:
+        payload = json.loads(Path(a.results).read_text())
+        write_all(payload["results"], payload["command"], a.doc, a.results)
+        return
+    run_plan(parse_plan(a.plan, a.variants),
+             on_result=lambda results: write_all(results, command.strip(), a.doc, a.results))
+
+
+if __name__ == "__main__":
+    main()

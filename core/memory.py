@@ -1,0 +1,146 @@
+"""Accelerator memory of an update: measured live bytes, an estimate per model, a fit warning,
+and moving the text encoders and VAE off the accelerator while the UNet trains.
+
+    from d3po_studio.core.memory import LiveBytes, fit_warning, offload_for_update
+
+    with LiveBytes("cuda") as live:          # counts tensor storages on that device type
+        ...                                   # works with real and with fake tensors
+    live.peak, live.at_peak                   # bytes, and bytes per tag at that moment
+
+    fit_warning("sdxl", 1024, 1024, free_bytes=8e9)   # None, or what to change so it fits
+
+``LiveBytes`` is a ``TorchDispatchMode``: every tensor an operator returns whose storage it has
+not seen adds the storage's ``nbytes``; a weak reference to the storage subtracts it when
+the storage is freed. Its peak is what a GPU allocator must hold, less fragmentation. Under
+``FakeTensorMode`` (tensors with shapes and no data) a full-size model runs in seconds on a CPU
+and gives the same peak as real tensors (tests/test_gpu_memory.py checks it on a tiny model).
+A ``.item()`` of a fake tensor has no value: inside ``LiveBytes`` it returns 1 (True for bools),
+so code that reads a loss or a norm runs on; memory and FLOPs do not depend on those values.
+"""
+from __future__ import annotations
+
+import weakref
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+_ITEM = torch.ops.aten._local_scalar_dense.default
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live tensor bytes on one device type, their peak, and the bytes per tag at the peak."""
+
+    def __init__(self, device_type: str = "cpu"):
+        super().__init__()
+        self.device_type = device_type
+        self.live: dict[int, list] = {}      # storage key -> [nbytes, tag]
+        self._refs: dict[int, weakref.ref] = {}  # storage key -> weak reference that frees it
+        self.by_tag: Counter = Counter()     # live bytes per tag now
+        self.total = 0                       # live bytes now
+        self.peak = 0                        # highest total seen (since the last reset_peak)
+        self.at_peak: dict[str, int] = {}    # by_tag at that moment
+        self.tag = "other"                   # tag given to storages first seen from now on
+
+    # -- counting ------------------------------------------------------------
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _ITEM and _is_fake(args[0]):
+            return True if args[0].dtype == torch.bool else 1
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self._add(t, self.tag)
+        return out
+
+    def _add(self, t: torch.Tensor, tag: str) -> None:
+        if t.device.type != self.device_type:
+            return
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        nbytes = storage.nbytes()
+        self.live[key] = [nbytes, tag]
+        self.by_tag[tag] += nbytes
+        self.total += nbytes
+        self._refs[key] = weakref.ref(storage, lambda _, key=key: self._free(key))
+        if self.total > self.peak:
+            self.peak = self.total
+            self.at_peak = {k: v for k, v in self.by_tag.items() if v}
+
+    def _free(self, key: int) -> None:
+        self._refs.pop(key, None)
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.total -= entry[0]
+            self.by_tag[entry[1]] -= entry[0]
+
+    # -- tagging -------------------------------------------------------------
+    def track(self, tensors, tag: str) -> int:
+        """Count tensors made before (or outside) this mode under ``tag``, or move the ones
+        already counted to ``tag``. Returns the bytes now under ``tag`` from these tensors."""
+        seen, moved = set(), 0
+        for t in tensors:
+            if t is None or t.device.type != self.device_type:
+                continue
+            key = t.untyped_storage()._cdata
+            if key in seen:
+                continue
+            seen.add(key)
+            if key not in self.live:
+                self._add(t, tag)
+            entry = self.live[key]
+            self.by_tag[entry[1]] -= entry[0]
+            self.by_tag[tag] += entry[0]
+            entry[1] = tag
+            moved += entry[0]
+        return moved
+
+    def track_module(self, module: torch.nn.Module, tag: str) -> int:
+        return self.track(list(module.parameters()) + list(module.buffers()), tag)
+
+    @contextmanager
+    def tagged(self, tag: str):
+        """Storages first seen inside the block get ``tag``."""
+        old, self.tag = self.tag, tag
+        try:
+            yield self
+        finally:
+            self.tag = old
+
+    def reset_peak(self) -> None:
+        self.peak = self.total
+        self.at_peak = {k: v for k, v in self.by_tag.items() if v}
+
+
+# ----------------------------------------------------------------- offloading
+
+OFFLOADED = ("text_encoder", "text_encoder_2", "vae")   # what an update does not use
+
+
+@contextmanager
+def offload_for_update(pipe, device, host="cpu"):
+    """Move the text encoders and the VAE to ``host`` for the block, and back afterwards.
+
+    An update needs only the UNet: the conditioning is stored with the trajectory. Nothing
+    moves when ``device`` is ``host`` (a CPU session). Always moves back, even on an error.
+    """
+    device, host = torch.device(device), torch.device(host)
+    if device.type == host.type:
+        yield pipe
+        return
+    modules = [m for m in (getattr(pipe, name, None) for name in OFFLOADED) if m is not None]
+    for m in modules:
+        m.to(host)
+    try:
+        yield pipe
+    finally:
+        for m in modules:
+            m.to(device)
