@@ -210,6 +210,7 @@ def main(argv=None) -> None:
     p.add_argument("--workdir", help="keep the cells here; existing reports are reused (default: a temp folder)")
     p.add_argument("--docs", default=None, help="benchmarks.md to write (default docs/benchmarks.md)")
     p.add_argument("--no-docs", action="store_true", help="print the table only")
+    p.add_argument("--no-run", action="store_true", help="tabulate the cells already in --workdir, run none")
     args = p.parse_args(argv)
     if args.cell:
         run_cell(json.loads(args.cell))
@@ -219,7 +220,8 @@ def main(argv=None) -> None:
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="d3po-learning-")
     cells, variants = plan(args)
     start = time.perf_counter()
-    run_cells(cells, args.jobs)
+    if not args.no_run:
+        run_cells(cells, args.jobs)
     reports = load_reports(cells)
     command = "python -m d3po_studio.bench.learning " + " ".join(a for a in (argv or sys.argv[1:]))
     text = markdown(reports, variants, command.strip(), args.clicks, args.eval_pairs, (time.perf_counter() - start) / 60)
