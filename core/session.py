@@ -1,19 +1,20 @@
-"""Session: the one object front ends use. It owns the pipeline, the LoRA, the optimizer and
-the session folder, and turns clicks into D3PO updates.
+"""Session: the one object front ends use, a façade over the session folder (storage.py), its
+LoRA and optimizer (trainstate.py), the update queue (worker.py) and the shared pipeline
+(pool.py); it turns clicks into D3PO updates.
 
     from d3po_studio import Session
     s = Session.open("my-session", model="embedded")
     batch = s.sample("a red circle", n=2, seed=0)
     report = s.prefer(batch, best=0)         # or ranking=[1, 0], or none=True
+    s.prefer(s.sample("a red circle"), best=1, wait=False)   # queued; s.pending(), s.wait()
     s.undo()
     s.export_lora("out.safetensors", format="kohya")
+    s.close()                                # after the queued updates; close(cancel=True) drops them
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
-import fcntl
 import logging
 import secrets
 import threading
@@ -22,15 +23,17 @@ from pathlib import Path
 
 import torch
 
-from .config import FIXED_AFTER_FIRST_UPDATE, SAMPLING_FIELDS, Settings
+from .config import SAMPLING_FIELDS, Settings
 from .errors import Cancelled, ConfigError, SessionError, UpdateError
-from .lora import activate, add_lora, load_lora_state, lora_scaled, lora_state
+from .lora import activate, add_lora, lora_scaled, lora_state
 from .loss import pairs_from_best, pairs_from_ranking
+from .opening import open_folder, prepare_pipeline  # noqa: F401  (prepare_pipeline: replay imports it here)
 from .pool import POOL, SharedPipeline
 from .recovery import open_head, settle_rounds
-from .runtime import Runtime, apply_attention, make_optimizer, peak_memory_bytes, resolve_runtime
+from .runtime import Runtime, make_optimizer, peak_memory_bytes
 from .sampling import Trajectory, decode, sample_trajectory
 from .storage import SessionFolder, read_tensors, write_tensors
+from .trainstate import State, TrainState
 from .update import Timer, train_step
 from .worker import UpdateWorker
 
@@ -74,9 +77,9 @@ class Session:
             self.params = add_lora(shared.pipe.unet, settings.lora_rank, settings.lora_alpha,
                                    settings.lora_targets, settings.seed, adapter=adapter)
             self.optimizer = make_optimizer(runtime.optimizer, self.params, settings.lr, settings.weight_decay)
-            self._fresh = _State(lora_state(shared.pipe.unet, adapter), copy.deepcopy(self.optimizer.state_dict()), 0)
+            self._train = TrainState(folder, shared.pipe.unet, adapter, self.params, self.optimizer, settings)
             self.head, self.updates = None, 0
-            name, state, notes, damaged = open_head(folder, self._read_state)
+            name, state, notes, damaged = open_head(folder, self._train.read)
             self._load_state(state)
             self.head, self.updates = name, state.updates
             if notes and folder.head_state() != (name, None):
@@ -99,58 +102,33 @@ class Session:
         loaded diffusers pipeline to use instead of loading ``model`` (``model`` then only names
         it). ``settings``: fields of ``Settings``.
         """
-        from .loading import load_pipeline, model_family, model_fingerprint
-        sf = SessionFolder(folder)
-        sf.root.mkdir(parents=True, exist_ok=True)
-        lock = _lock_folder(sf.root)
+        opened = open_folder(folder, model, pipeline, settings)
         try:
-            meta = sf.read_meta() if sf.exists() else None
-            model = model if model is not None else (meta["model"] if meta else "embedded")
-            fingerprint = model_fingerprint(model) if pipeline is None else f"given:{model}"
-            if meta is not None:
-                _check_same_model(meta, model, fingerprint, sf)
-                resolved = _merge_settings(meta, settings, has_updates=_has_updates(sf))
-            else:
-                resolved = Settings.from_dict({**_model_defaults(model), **settings})
-            runtime = resolve_runtime(resolved.device, resolved.dtype, resolved.optimizer, resolved.attention)
-            key = ("given", id(pipeline)) if pipeline is not None else \
-                ("model", fingerprint, str(runtime.device), str(runtime.dtype), runtime.attention)
-            shared, adapter = POOL.acquire(key, lambda: prepare_pipeline(pipeline if pipeline is not None else
-                                                                         load_pipeline(model, torch_dtype=runtime.dtype,
-                                                                                       device=str(runtime.device)),
-                                                                         runtime),
-                                           (str(runtime.device), str(runtime.dtype)))
-            try:
-                resolved = _fill_native_size(resolved, shared.pipe)
-                meta = {**(meta or {"created": _now()}), "model": model, "model_fingerprint": fingerprint,
-                        "family": model_family(shared.pipe), "settings": resolved.to_dict()}
-                sf.write_meta(meta)
-                session = cls(sf, shared, adapter, resolved, runtime, meta)
-            except BaseException:
-                POOL.release(shared, adapter)
-                raise
+            session = cls(opened.folder, opened.shared, opened.adapter, opened.settings, opened.runtime, opened.meta)
         except BaseException:
-            lock.close()
+            opened.close()
             raise
-        session._lock_file = lock
-        session.open_arguments = {"model": model, "pipeline": pipeline, **settings}
+        session._lock_file = opened.lock
+        session.open_arguments = {"model": opened.meta["model"], "pipeline": pipeline, **settings}
         return session
 
-    def close(self, cancel: bool = False) -> None:
+    def close(self, cancel: bool = False) -> list[dict]:
         """Finish the queued and running updates (``cancel=True``: cancel them, rolling back the
-        running one), free this session's LoRA and release the folder lock. Every later call on
-        this object raises SessionError; calling ``close`` again does nothing."""
+        running one), free this session's LoRA and release the folder lock. Returns what ``wait``
+        would have: the reports of updates queued with ``wait=False`` not yet returned. Every
+        later call on this object raises SessionError; calling ``close`` again returns []."""
         with self._close_lock:
             with self._lock:
                 if self._state == "closed":
-                    return
+                    return []
                 self._state = "closing"          # no new click is queued from here on
             try:
-                self._worker.stop(cancel=cancel)
+                return self._worker.stop(cancel=cancel)
             finally:
-                POOL.release(self._shared, self.adapter)
+                with self._shared.lock:          # a call already past _check_open sees "closed" here
+                    self._state = "closed"
+                    POOL.release(self._shared, self.adapter)
                 self._lock_file.close()
-                self._state = "closed"
 
     @property
     def closed(self) -> bool:
@@ -171,6 +149,8 @@ class Session:
     def _use_pipe(self):
         """Hold the shared pipeline with this session's LoRA the only active one."""
         with self._shared.lock:
+            if self._state == "closed":
+                self._check_open()
             unet = self.pipe.unet
             activate(unet, self.adapter, self.params)
             if self.settings.gradient_checkpointing != unet.is_gradient_checkpointing:
@@ -287,7 +267,7 @@ class Session:
 
     def _update(self, sampling: dict, traj: Trajectory, pairs, record: dict, progress) -> dict:
         s = self.settings.replace(**sampling)
-        saved = self._snapshot()
+        saved = self._train.snapshot(self.updates)
         device = self.runtime.device
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -326,27 +306,12 @@ class Session:
 
     def _commit(self, record: dict, report: dict) -> None:
         with self._lock:
-            name = self.folder.write_checkpoint(
-                lora_state(self.pipe.unet, self.adapter), self.optimizer.state_dict(),
-                {"updates": self.updates + 1, "round": record["id"], "parent": self.head})
+            name = self._train.commit(record["id"], self.head, self.updates + 1)
             self.folder.set_head(name)       # the update is now complete on disk
             self.head, self.updates = name, self.updates + 1
             record.update(status="applied", report=report, checkpoint=name)
             self.folder.write_round(record)
-            self._prune()
-
-    def _prune(self) -> None:
-        """Keep the newest ``keep_checkpoints`` of HEAD's chain; a round whose checkpoint goes
-        says so (``checkpoint_pruned``) before the folder is deleted."""
-        def note_in_round(name: str) -> None:
-            try:
-                record = self.folder.read_round(self.folder.checkpoint_meta(name)["round"])
-            except (SessionError, KeyError):
-                return
-            if record.get("checkpoint") == name:
-                self.folder.write_round({**record, "checkpoint_pruned": True})
-        keep = set(self.folder.chain(self.head)[:self.settings.keep_checkpoints])
-        self.folder.prune_checkpoints(keep, before_remove=note_in_round)
+            self._train.prune(self.head)
 
     # ------------------------------------------------------------------ undo
     def undo(self) -> dict:
@@ -365,11 +330,11 @@ class Session:
                 raise SessionError(f"cannot undo further than {self.settings.keep_checkpoints} updates "
                                    "(keep_checkpoints)")
             try:
-                state = self._read_state(parent)
+                state = self._train.read(parent)
             except SessionError as e:
                 raise SessionError(f"cannot undo: {e}. Nothing changed: the session stays at update "
                                    f"{self.updates}") from e
-            saved = self._snapshot()
+            saved = self._train.snapshot(self.updates)
             self._load_state(state)
             try:
                 self.folder.set_head(parent)     # last: HEAD moves only to a loaded state
@@ -388,35 +353,10 @@ class Session:
             return
         self.folder.write_round({**record, "status": "undone", "undone": _now()})
 
-    def _read_state(self, name: str | None) -> "_State":
-        """Checkpoint ``name`` (None = the fresh LoRA) read from disk, not yet loaded. A damaged
-        LoRA raises SessionError naming the file; a damaged optimizer file costs a fresh optimizer
-        state, said in the state's note."""
-        if name is None:
-            return _State(self._fresh.lora, copy.deepcopy(self._fresh.optimizer), 0)
-        lora = self.folder.read_lora(name)
-        if {k: v.shape for k, v in lora.items()} != {k: v.shape for k, v in self._fresh.lora.items()}:
-            raise SessionError(f"{self.folder.root / 'checkpoints' / name / 'lora.safetensors'} does not match "
-                               "this session's LoRA shape (rank or targets differ)")
-        updates = self.folder.checkpoint_meta(name)["updates"]
-        try:
-            return _State(lora, self.folder.read_optimizer(name), updates)
-        except SessionError as e:
-            return _State(lora, copy.deepcopy(self._fresh.optimizer), updates,
-                          f"{e}; the optimizer state starts fresh from here (the LoRA is intact)")
-
-    def _load_state(self, state: "_State") -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        load_lora_state(self.pipe.unet, state.lora, self.adapter)
-        self.optimizer.load_state_dict(state.optimizer)
-        for group in self.optimizer.param_groups:       # settings changed on reopen apply now
-            group["lr"], group["weight_decay"] = self.settings.lr, self.settings.weight_decay
+    def _load_state(self, state: State) -> None:
+        self._train.load(state)
         if state.note:
             self._note(state.note)
-
-    def _snapshot(self) -> "_State":
-        return _State(lora_state(self.pipe.unet, self.adapter), copy.deepcopy(self.optimizer.state_dict()),
-                      self.updates)
 
     def _note(self, text: str) -> None:
         log.warning("session %s: %s", self.folder.root, text)
@@ -469,15 +409,6 @@ class Session:
                 "trainable_parameters": sum(p.numel() for p in self.params), "notes": list(self.notes)}
 
 
-@dataclass
-class _State:
-    """A LoRA and optimizer state with its update count, read from disk or taken in memory."""
-    lora: dict
-    optimizer: dict
-    updates: int
-    note: str | None = None
-
-
 # ---------------------------------------------------------------- helpers
 def _choice(n: int, best, ranking, none: bool):
     given = sum(x is not None and x is not False for x in (best, ranking, none or None))
@@ -496,22 +427,6 @@ def _choice(n: int, best, ranking, none: bool):
         raise ConfigError(str(e)) from e
 
 
-def _lock_folder(root: Path):
-    f = open(root / ".lock", "a+")
-    try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        f.close()
-        raise SessionError(f"session {root} is open in another process or tab; close it there first")
-    return f
-
-
-def _check_same_model(meta: dict, model: str, fingerprint: str, sf: SessionFolder) -> None:
-    if meta["model_fingerprint"] != fingerprint:
-        raise SessionError(f"session {sf.root} was made with model {meta['model']!r}; "
-                           f"open it with that model, or use a new folder for {model!r}")
-
-
 def _chained(first, second):
     """One progress callback calling ``first`` then ``second`` (if given)."""
     if second is None:
@@ -521,52 +436,6 @@ def _chained(first, second):
         first(i, total)
         second(i, total)
     return progress
-
-
-def _has_updates(sf: SessionFolder) -> bool:
-    """Whether the folder's LoRA has been trained (a damaged HEAD counts as yes)."""
-    name, problem = sf.head_state()
-    return name is not None or problem is not None
-
-
-def _merge_settings(meta: dict, given: dict, has_updates: bool) -> Settings:
-    stored = Settings.from_dict(meta["settings"])
-    if has_updates:
-        changed = [k for k in FIXED_AFTER_FIRST_UPDATE if k in given and
-                   Settings.from_dict({**stored.to_dict(), k: given[k]}).to_dict()[k] != stored.to_dict()[k]]
-        if changed:
-            raise ConfigError(f"settings {changed} are fixed after the first update of this session; "
-                              "start a new session to change them")
-    return stored.replace(**given)
-
-
-def prepare_pipeline(pipe, runtime: Runtime):
-    """Move to the device, cast frozen weights to the runtime dtype, set attention."""
-    pipe.to(runtime.device)
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
-        if module is not None and module.dtype != runtime.dtype:
-            module.to(dtype=runtime.dtype)
-    if pipe.vae.dtype != torch.float32:
-        pipe.vae.to(dtype=torch.float32)  # decode in fp32: SDXL's VAE overflows in fp16
-    pipe.set_progress_bar_config(disable=True)
-    apply_attention(pipe, runtime.attention)
-    return pipe
-
-
-def _model_defaults(model: str) -> dict:
-    """The embedded model brings its own sampling defaults (steps, guidance, size)."""
-    if model != "embedded":
-        return {}
-    from .embedded import DEFAULTS
-    return {k: v for k, v in DEFAULTS.items() if k in SAMPLING_FIELDS}
-
-
-def _fill_native_size(s: Settings, pipe) -> Settings:
-    if s.height is not None and s.width is not None:
-        return s
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    return s.replace(height=s.height or size, width=s.width or size)
 
 
 def _is_oom(e: BaseException) -> bool:

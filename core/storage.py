@@ -231,7 +231,9 @@ class SessionFolder:
     def next_round_id(self, now) -> str:
         """``<sequence>-<YYYYmmdd>-<HHMMSS>``: names sort in the order the rounds were made
         (the folder lock makes this process the only writer)."""
-        last = max((int(r.split("-")[0]) for r in self.round_ids()), default=0)
+        folder = self.root / "rounds"
+        made = [p.name for p in folder.iterdir() if ROUND_ID.match(p.name)] if folder.exists() else []
+        last = max((int(r.split("-")[0]) for r in made), default=0)   # a half-written one counts too
         return f"{last + 1:06d}-{now.strftime('%Y%m%d-%H%M%S')}"
 
     def read_round(self, round_id: str) -> dict:

@@ -139,11 +139,11 @@ class UpdateWorker:
             self._finish(job)
         return dropped
 
-    def stop(self, cancel: bool = False, timeout: float | None = None) -> None:
-        """Finish (or with ``cancel=True`` cancel) every job, then return."""
+    def stop(self, cancel: bool = False, timeout: float | None = None) -> list[dict]:
+        """Finish (or with ``cancel=True`` cancel) every job; returns what ``wait`` returns."""
         if cancel:
             self.cancel()
-        self.join(timeout)
+        return self.wait(timeout)
 
     # ------------------------------------------------------------ thread
     def _loop(self) -> None:

@@ -160,6 +160,15 @@ class SessionRegistry:
             self._finish_close(folder, entry)
         return [folder for folder, _ in taken]
 
+    def holds(self, folder, owner: str) -> bool:
+        """Whether tab ``owner`` holds ``folder``: open, being closed, or closed for idleness
+        (``get`` then reopens it)."""
+        folder = Path(folder).resolve()
+        with self._lock:
+            entry = self._open.get(folder)
+            return (entry is not None and entry.owner == owner) or folder in self._closing or \
+                (self._idle.get(owner) or (None,))[0] == folder
+
     def is_open(self, folder) -> bool:
         folder = Path(folder).resolve()
         with self._lock:

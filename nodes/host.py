@@ -3,6 +3,8 @@
     from d3po_studio.nodes import host
     h = host.current()          # ComfyHost inside ComfyUI, else the PlainHost installed with use()
     h.loras_dir(); h.progress(20)(i, 20); h.check_interrupt(); h.send("d3po.pick", {...})
+    session = host.live(session)   # a session input that ComfyUI's cache kept: the open one
+    h.free_models()             # ComfyUI's own models out of the device before a load or an update
 
 ComfyHost imports ComfyUI's modules (folder_paths, server.PromptServer, comfy.utils,
 comfy.model_management) only when a method needs them, so importing this module never needs
@@ -47,6 +49,22 @@ def current():
         if _current is None:
             _current = PlainHost(Path("d3po-nodes").resolve())
         return _current
+
+
+def live(session):
+    """The open Session for a ``session`` input.
+
+    ComfyUI's output cache (``--cache-lru N``, ``--cache-none``, or a graph queued with settings
+    it has seen before) can hand a node a Session that the node registry has since closed
+    because the Load node's settings changed. A closed Session refuses every call, so nothing
+    is written twice; this asks the registry for the session on that folder with the arguments
+    the closed one was opened with, which closes the other one (after its updates) and reopens
+    the folder from disk, exactly as re-running the Load node would.
+    """
+    if not session.closed:
+        return session
+    from . import registry
+    return registry.open_session(session.folder.root, **session.open_arguments)
 
 
 @dataclass
@@ -107,6 +125,10 @@ class PlainHost:
 
     def training(self):
         return training_mode()
+
+    def free_models(self) -> None:
+        """No models of a host to free; recorded so tests can see when the nodes asked."""
+        self.events.append(("free_models", {}))
 
     def interrupt(self) -> None:
         """What ComfyUI's Interrupt button does: the running node stops at its next check."""
@@ -249,6 +271,14 @@ class ComfyHost:
 
     def training(self):
         return training_mode()
+
+    def free_models(self) -> None:
+        """Unload ComfyUI's cached models from the device through its own model management (as
+        its TrainLoraNode makes room with ``load_models_gpu(memory_required=1e20)``), so a session
+        loading its pipeline or training does not sit next to ComfyUI's copy of the checkpoint."""
+        import comfy.model_management as mm
+        mm.unload_all_models()
+        mm.soft_empty_cache()
 
     def interrupt(self) -> None:
         import comfy.model_management as mm

@@ -313,3 +313,19 @@ def test_pruning_keeps_heads_chain_and_says_so_in_each_round_it_empties(tmp_path
                         ("applied", False)]
     s.close()
     assert _invariants(tmp_path / "s") == 4
+
+
+def test_a_script_that_ends_without_close_still_trains_its_queued_clicks(tmp_path):
+    """The update thread is not a daemon: the interpreter waits for the queue before it exits."""
+    import subprocess
+    import sys
+    script = ("import sys; from d3po_studio import Session; from d3po_studio.core.tiny import tiny_pipeline\n"
+              "s = Session.open(sys.argv[1], model='tiny', pipeline=tiny_pipeline('sd1'), steps=3, "
+              "dtype='float32', optimizer='adamw')\n"
+              "print(s.prefer(s.sample('a', seed=0), best=0, wait=False)['queued'])\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr[-2000:]
+    s = _open(tmp_path / "s")
+    assert s.updates == 1 and s.history()[0]["status"] == "applied"
+    s.close()

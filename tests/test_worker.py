@@ -104,10 +104,9 @@ def test_cancel_drops_queued_jobs_and_stops_the_running_one_at_its_next_step():
     while not log:
         time.sleep(0.01)
     t0 = time.monotonic()
-    w.stop(cancel=True, timeout=5)
+    reports = {r["round"]: r for r in w.stop(cancel=True, timeout=5)}
     assert time.monotonic() - t0 < 0.4
     assert cancelled == ["b"] and ("start", "b") not in log and ("end", "a") not in log
-    reports = {r["round"]: r for r in w.wait(timeout=1)}
     assert reports["a"]["error"].startswith("Cancelled") and reports["b"]["error"].startswith("Cancelled")
 
 
