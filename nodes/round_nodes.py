@@ -56,6 +56,7 @@ class SampleRound:
     @classmethod
     def execute(cls, session, prompt, negative_prompt, n, seed, steps, guidance, width, height):
         h = host.current()
+        session = host.live(session)     # ComfyUI's cache may hand back a closed session
         overrides = {k: v for k, v in (("steps", steps), ("guidance", guidance), ("width", width),
                                         ("height", height)) if v}
         total = overrides.get("steps", session.settings.steps)
@@ -153,8 +154,9 @@ class UpdateLora:
     @classmethod
     def execute(cls, pick):
         h = host.current()
-        session = pick.round.session
+        session = host.live(pick.round.session)
         h.check_interrupt()
+        h.free_models()
         with h.training():
             if pick.none:
                 report = session.prefer(pick.round.batch_id, none=True)

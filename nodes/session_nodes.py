@@ -119,6 +119,7 @@ class LoadSession:
             raise ConfigError(f"session_name {session_name!r}: use letters, digits, '-', '_' or '.', "
                               "starting with a letter or digit (it names a folder)")
         with h.training():   # the LoRA and optimizer state must be ordinary (autograd) tensors
+            h.free_models()
             session = registry.open_session(
                 h.sessions_dir() / session_name, model=resolve_model(h, checkpoint), lr=lr, beta=beta,
                 lora_rank=lora_rank, lora_alpha=float(lora_rank), dtype=dtype, optimizer=optimizer,
@@ -148,6 +149,7 @@ class UndoUpdate:
     @classmethod
     def execute(cls, session):
         h = host.current()
+        session = host.live(session)     # ComfyUI's cache may hand back a closed session
         with h.training():
             result = session.undo()
         name = write_lora(h, session, session_lora_name(session))
@@ -191,5 +193,6 @@ class ExportLora:
     @classmethod
     def execute(cls, session, file_name, format):
         h = host.current()
+        session = host.live(session)     # ComfyUI's cache may hand back a closed session
         name = write_lora(h, session, export_name(session, file_name), format)
         return h.output(name, ui={"text": [name]})
