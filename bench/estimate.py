@@ -87,7 +87,10 @@ def estimate(rows: dict[str, dict], family: str) -> dict[str, dict[str, float]]:
 
 
 def markdown(results: list[dict]) -> str:
-    out = ["## GPU memory: an ESTIMATE, not a measurement\n",
+    out = ["## GPU memory scaled from CPU RSS: the old ESTIMATE, kept as a cross-check\n",
+           "Superseded by the fake-tensor measurement at native size (section \"GPU memory of a click, "
+           "measured with fake tensors\" above, `bench/gpu_memory.py`): scaling the whole 256 px RSS "
+           "update part by the pixel ratio overstates the activations. "
            "No GPU was available. Peak GPU memory of one update with fp16 weights, built from parts: "
            "fp16 weights counted from the published configs (UNet, the reference copy where there is "
            "one, and the text encoder(s) + VAE that the app keeps loaded); LoRA weights + gradients (fp32) "

@@ -64,6 +64,7 @@ class Variant:
     offload: bool           # text encoders + VAE off the accelerator during the update
     note: str               # what differs from ours, in words
     official: bool = False  # bench/official.py's replica instead of the session's update
+    vae_slicing: bool = False  # the VAE decodes one image at a time (diffusers' enable_slicing)
 
 
 VARIANTS = {
@@ -71,10 +72,14 @@ VARIANTS = {
     "ours-no-offload": Variant({}, False, "text encoders + VAE stay on the accelerator"),
     "ours-split": Variant({"backward": "split"}, True, "backward='split'"),
     "ours-no-checkpointing": Variant({"gradient_checkpointing": False}, True, "gradient checkpointing off"),
+    "ours-vae-slicing": Variant({}, True, "+ VAE decoding one image at a time (vae.enable_slicing())",
+                                vae_slicing=True),
     "official": Variant({}, False, "official recipe: deep-copied reference UNet, no checkpointing, "
                                    "32-bit AdamW, classic attention, both images' graphs alive", official=True),
 }
-ORDER = ["ours", "official", "ours-split", "ours-no-checkpointing", "ours-no-offload"]   # most needed first
+ORDER = ["ours", "official", "ours-split", "ours-no-checkpointing", "ours-no-offload",
+         "ours-vae-slicing"]                               # most needed first
+SAMPLING_ONLY = ("ours-vae-slicing",)                      # the VAE is not used in an update
 PLAN = {"sd1:512": ORDER, "sdxl:1024": ORDER, "sd2:768": ORDER, "sd1:1024": ["ours"]}
 
 
@@ -181,13 +186,15 @@ def measure(family: str, size: int, name: str, sampling: bool = False, kept: int
         setup = _official_setup if v.official else _session_setup
         with setup(pipe, mode, live, folder, v, size, kept, dtype) as run:
             live.track_module(pipe.unet, "UNet")
+            live.track(run.params, "LoRA")
             for m in encoders(pipe):
                 live.track_module(m, "text encoders + VAE")
             row = {"variant": name, "family": family, "size": size, "note": v.note, "kept_steps": kept,
                    "fake": fake, "dtype": dtype}
             if sampling:
                 row["sampling"] = _measure_sampling(run, live, count_flops)
-            row.update(_measure_clicks(run, pipe, live, size, count_flops, clicks))
+            if clicks:
+                row.update(_measure_clicks(run, pipe, live, size, count_flops, clicks))
     row["wall_seconds"] = time.perf_counter() - started
     return row
 
@@ -201,8 +208,9 @@ def _session_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, d
     with mode:
         session = Session.open(folder, model="bench", pipeline=pipe, device="cpu", dtype=dtype, height=size,
                                width=size, train_fraction=kept / STEPS, **v.settings)
-    live.track(session.params, "LoRA")
     _tag_grads(session.params, live)
+    if v.vae_slicing:
+        pipe.vae.enable_slicing()
     offload = functools.partial(offload_for_update, host="meta") if v.offload else update.offload_for_update
 
     def run(kind, traj=None, progress=None, steps=STEPS):
@@ -217,6 +225,7 @@ def _session_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, d
                 live.track_module(m, "text encoders + VAE")
             live.track(_optimizer_tensors(session.optimizer), "optimizer states")
             return result
+    run.params = session.params
     try:
         yield run
     finally:
@@ -243,7 +252,6 @@ def _official_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, 
         for unet in (pipe.unet, ref):
             unet.set_attn_processor(AttnProcessor())
         optimizer = torch.optim.AdamW(params, lr=3e-5, weight_decay=1e-4)
-    live.track(params, "LoRA")
     live.track_module(ref, "reference UNet copy")
     _tag_grads(params, live)
 
@@ -257,6 +265,7 @@ def _official_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, 
         norm = apply_gradients(params, optimizer, 1.0)
         live.track(_optimizer_tensors(optimizer), "optimizer states")
         return norm
+    run.params = params
     yield run
 
 
@@ -338,14 +347,36 @@ def max_kept_steps(row: dict, seconds: float) -> int:
     return max(0, int(budget // row["flops_per_kept_step"]))
 
 
+def measured_constants(results: list[dict]) -> dict:
+    """``core.memory.MEASURED`` from the rows measured at each family's native size."""
+    out = {}
+    for family, size in NATIVE.items():
+        by = {r["variant"]: r for r in results if r["family"] == family and r["size"] == size}
+        ours = by.get("ours")
+        if not ours or "sampling" not in ours:
+            continue
+        b, smp = ours["at_peak"], ours["sampling"]
+        weights = b["UNet"] + b["LoRA"] + b["LoRA grads"] + b["optimizer states"]
+        encoders = smp["at_peak"]["text encoders + VAE"]
+        update = {key: by[name]["peak_bytes"] - weights for name, key in
+                  (("ours", (True, "joint")), ("ours-split", (True, "split")),
+                   ("ours-no-checkpointing", (False, "joint"))) if name in by}
+        out[family] = {"size": size, "weights": weights, "encoders": encoders,
+                       "sampling": smp["peak_bytes"] - smp["at_peak"]["UNet"] - smp["at_peak"]["LoRA"] - encoders,
+                       "update": update}
+    return out
+
+
 def run_plan(plan: dict[str, list[str]], log=print, on_result=None) -> list[dict]:
     """Each (family:size, variant) in this process, one after the other; sampling with "ours"."""
     results = []
     for key, names in plan.items():
         family, size = key.split(":")
         for name in names:
-            row = measure(family, int(size), name, sampling=(name == "ours"), count_flops=(name == "ours"))
-            log(f"{key} {name}: peak {report.gb(row['peak_bytes'])} ({row['wall_seconds']:.0f} s)")
+            row = measure(family, int(size), name, sampling=name in ("ours", *SAMPLING_ONLY),
+                          count_flops=(name == "ours"), clicks=0 if name in SAMPLING_ONLY else 2)
+            log(f"{key} {name}: peak {report.gb(row.get('peak_bytes', row.get('sampling', {}).get('peak_bytes', 0)))}"
+                f" ({row['wall_seconds']:.0f} s)")
             results.append(row)
             if on_result:
                 on_result(results)
@@ -359,7 +390,7 @@ def markdown(results: list[dict], command: str) -> str:
     for key in dict.fromkeys(f"{r['family']}:{r['size']}" for r in results):
         rows = [r for r in results if f"{r['family']}:{r['size']}" == key]
         out += _memory_table(rows)
-    out += _time_table([r for r in results if r["variant"] == "ours"])
+    out += _time_table([r for r in results if r["variant"] == "ours" and "flops_fixed" in r])
     return "\n".join(out)
 
 
@@ -377,33 +408,32 @@ INTRO = (
 def _memory_table(rows: list[dict]) -> list[str]:
     family, size = rows[0]["family"], rows[0]["size"]
     by = {r["variant"]: r for r in rows}
-    official = by.get("official")
-    head = ["config", "peak", "UNet", "text enc. + VAE", "ref. copy", "LoRA + grads + opt.", "activations",
-            "÷ official", "what"]
-    table = []
-    for r in rows:
-        b = r["at_peak"]
-        small = b["LoRA"] + b["LoRA grads"] + b["optimizer states"]
-        table.append([r["variant"], f"**{report.gb(r['peak_bytes'])}**", report.gb(b["UNet"]),
-                      report.gb(b["text encoders + VAE"]), report.gb(b["reference UNet copy"]),
-                      report.gb(small), report.gb(b["activations"] + b["trajectory"]),
-                      f"{r['peak_bytes'] / official['peak_bytes']:.2f}×" if official else "—", r["note"]])
-    ours = by.get("ours")
-    if ours and "sampling" in ours:
-        smp = ours["sampling"]
-        table.append(["sampling a pair (ours)", f"**{report.gb(smp['peak_bytes'])}**",
-                      report.gb(smp["at_peak"]["UNet"]), report.gb(smp["at_peak"]["text encoders + VAE"]), "—",
-                      report.gb(smp["at_peak"]["LoRA"] + smp["at_peak"]["optimizer states"]),
-                      report.gb(smp["at_peak"]["activations"] + smp["at_peak"]["trajectory"]), "—",
-                      f"{STEPS} steps + VAE decode of 2 images, no graph"])
+    official, ours = by.get("official"), by.get("ours")
+    head = ["what runs", "config", "peak", "UNet + LoRA", "text enc. + VAE", "ref. copy", "grads + opt. states",
+            "activations", "÷ official", "what"]
+    table = [_row("update (2 clicks)", r, official) for r in rows if "peak_bytes" in r]
+    table += [_row("sampling a pair", {**r["sampling"], "variant": r["variant"], "note": r["note"] if
+                                       r["variant"] != "ours" else f"{STEPS} steps + VAE decode of 2 images"}, None)
+              for r in rows if "sampling" in r]
     lines = [f"### {LABELS[family]} at {size}×{size} px\n", report.table(head, table), ""]
     if ours and official:
-        lines.append(f"Ours ÷ official: **{ours['peak_bytes'] / official['peak_bytes']:.2f}×** of the peak.")
+        lines.append(f"Update, ours ÷ official: **{ours['peak_bytes'] / official['peak_bytes']:.2f}×** of the peak.")
     savings = [f"{VARIANTS[n].note}: {_signed(by[n]['peak_bytes'] - ours['peak_bytes'])}"
-               for n in by if ours and n.startswith("ours-")]
+               for n in by if ours and n.startswith("ours-") and "peak_bytes" in by[n]]
     if savings:
-        lines.append("Each saving, as the peak with it undone − ours: " + "; ".join(savings) + ".")
+        lines.append("Each saving of the update, as the peak with it undone − ours: " + "; ".join(savings) + ".")
+    if ours and "sampling" in ours and "ours-vae-slicing" in by:
+        lines.append(f"Sampling with the VAE decoding one image at a time: "
+                     f"{_signed(by['ours-vae-slicing']['sampling']['peak_bytes'] - ours['sampling']['peak_bytes'])}.")
     return lines + [""]
+
+
+def _row(what: str, r: dict, official: dict | None) -> list:
+    b = r["at_peak"]
+    return [what, r["variant"], f"**{report.gb(r['peak_bytes'])}**", report.gb(b["UNet"] + b["LoRA"]),
+            report.gb(b["text encoders + VAE"]), report.gb(b["reference UNet copy"]),
+            report.gb(b["LoRA grads"] + b["optimizer states"]), report.gb(b["activations"] + b["trajectory"]),
+            f"{r['peak_bytes'] / official['peak_bytes']:.2f}×" if official else "—", r["note"]]
 
 
 def _signed(n_bytes: float) -> str:

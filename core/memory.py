@@ -144,3 +144,86 @@ def offload_for_update(pipe, device, host="cpu"):
     finally:
         for m in modules:
             m.to(device)
+
+
+# ----------------------------------------------------------------- estimate and fit warning
+
+# Peak live bytes measured by bench/gpu_memory.py (docs/benchmarks.md, section gpu_memory) at each
+# family's native size, fp16 weights, a pair with CFG, Settings defaults otherwise:
+#   weights   UNet + LoRA + its gradients and optimizer states, always on the accelerator
+#   encoders  text encoder(s) + VAE (fp32): on the accelerator while sampling, off it in an update
+#   update    activations at the update's peak, by (gradient_checkpointing, backward)
+#   sampling  activations at the sampling peak (one step without a graph, or the VAE decode)
+MEASURED: dict[str, dict] = {}
+
+
+def estimate_bytes(family: str, height: int, width: int, *, n: int = 2, backward: str = "joint",
+                   gradient_checkpointing: bool = True) -> dict[str, float]:
+    """Estimated peak bytes on the accelerator of sampling ``n`` images and of one update.
+
+    Activations scale with the pixel count from the measured native size (SDPA attention keeps
+    no tokens² matrix); a joint update holds all ``n`` images' graphs, a split one one image's.
+    Returns ``{"sampling", "update", "click"}`` (click = the larger of the two).
+    """
+    m = MEASURED.get(family)
+    if m is None:
+        raise ValueError(f"family={family!r} has no measurement: use one of {sorted(MEASURED)}")
+    scale = height * width / m["size"] ** 2
+    key = (gradient_checkpointing, backward)
+    update = m["update"].get(key, m["update"][(gradient_checkpointing, "joint")])
+    graphs = n / 2 if backward == "joint" else 1.0      # measured on one pair
+    out = {"sampling": m["weights"] + m["encoders"] + m["sampling"] * scale * n / 2,
+           "update": m["weights"] + update * scale * graphs}
+    out["click"] = max(out["sampling"], out["update"])
+    return out
+
+
+def fit_warning(family: str, height: int, width: int, free_bytes: float | None, *, n: int = 2,
+                backward: str = "joint", gradient_checkpointing: bool = True) -> str | None:
+    """None when a click (sampling + update) is estimated to fit in ``free_bytes``; else what
+    it needs and the setting that makes it fit. ``free_bytes`` None (not a GPU): None."""
+    if free_bytes is None or family not in MEASURED:
+        return None
+    need = estimate_bytes(family, height, width, n=n, backward=backward,
+                          gradient_checkpointing=gradient_checkpointing)["click"]
+    if need <= free_bytes:
+        return None
+    head = (f"A click on {family} at {width}×{height} px with {n} images needs about {need / 1e9:.1f} GB "
+            f"of GPU memory (estimate) and {free_bytes / 1e9:.1f} GB are free: ")
+    for change, label in _fixes(backward, gradient_checkpointing):
+        est = estimate_bytes(family, height, width, n=n, **change)["click"]
+        if est <= free_bytes:
+            return head + f"set {label} (about {est / 1e9:.1f} GB)."
+    size = _largest_size(family, height, width, free_bytes, n)
+    if size:
+        return head + f"set backward='split' and gradient_checkpointing=True, and use {size[1]}×{size[0]} px."
+    return head + "even 256 px does not fit; free GPU memory (close other programs) or use a larger GPU."
+
+
+def _fixes(backward: str, gradient_checkpointing: bool):
+    if not gradient_checkpointing:
+        yield {"backward": backward, "gradient_checkpointing": True}, "gradient_checkpointing=True"
+    if backward != "split":
+        yield {"backward": "split", "gradient_checkpointing": gradient_checkpointing}, "backward='split'"
+        yield {"backward": "split", "gradient_checkpointing": True}, \
+            "backward='split' and gradient_checkpointing=True"
+
+
+def _largest_size(family: str, height: int, width: int, free_bytes: float, n: int):
+    """The largest (height, width) of the same aspect, multiples of 64, ≥ 256 px, that fits."""
+    for step in range(max(height, width) // 64, 3, -1):
+        h, w = (step * 64, round(step * 64 * width / height / 64) * 64) if height >= width else \
+               (round(step * 64 * height / width / 64) * 64, step * 64)
+        if min(h, w) >= 256 and estimate_bytes(family, h, w, n=n, backward="split")["click"] <= free_bytes:
+            return h, w
+    return None
+
+
+def device_free_bytes(device) -> float | None:
+    """Bytes this process could use on ``device``: free + what torch already reserved (CUDA);
+    None elsewhere (no warning on a CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return float(free + torch.cuda.memory_reserved(device))

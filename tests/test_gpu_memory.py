@@ -58,3 +58,33 @@ def test_offload_moves_encoders_and_vae_out_and_back_even_on_error():
     assert all(p.device.type == "cpu" for m in parts for p in m.parameters())
     with offload_for_update(pipe, "cpu"):          # a CPU session: nothing moves
         assert pipe.vae.device.type == "cpu"
+
+
+FAKE_MEASURED = {"sd1": {"size": 512, "weights": 2e9, "encoders": 0.5e9, "sampling": 0.5e9,
+                         "update": {(True, "joint"): 2e9, (True, "split"): 1e9, (False, "joint"): 4e9}}}
+
+
+def test_estimate_scales_activations_with_pixels_and_images(monkeypatch):
+    from d3po_studio.core import memory
+    monkeypatch.setattr(memory, "MEASURED", FAKE_MEASURED)
+    at_native = memory.estimate_bytes("sd1", 512, 512)
+    assert at_native == {"sampling": 3e9, "update": 4e9, "click": 4e9}
+    assert memory.estimate_bytes("sd1", 1024, 512)["update"] == 2e9 + 2 * 2e9
+    assert memory.estimate_bytes("sd1", 512, 512, n=4)["update"] == 2e9 + 2 * 2e9     # two pairs' graphs
+    assert memory.estimate_bytes("sd1", 512, 512, n=4, backward="split")["update"] == 2e9 + 1e9
+    with pytest.raises(ValueError, match="sd1"):
+        memory.estimate_bytes("sd3", 512, 512)
+
+
+def test_fit_warning_says_what_to_change(monkeypatch):
+    from d3po_studio.core import memory
+    monkeypatch.setattr(memory, "MEASURED", FAKE_MEASURED)
+    assert memory.fit_warning("sd1", 512, 512, free_bytes=4.5e9) is None
+    assert memory.fit_warning("sd1", 512, 512, free_bytes=None) is None          # not a GPU
+    split = memory.fit_warning("sd1", 512, 512, free_bytes=3.5e9)
+    assert "4.0 GB" in split and "3.5 GB" in split and "backward='split'" in split and "px" not in split[-30:]
+    ckpt = memory.fit_warning("sd1", 512, 512, free_bytes=4.5e9, gradient_checkpointing=False)
+    assert "gradient_checkpointing=True (about 4.0 GB)" in ckpt
+    smaller = memory.fit_warning("sd1", 768, 512, free_bytes=3.0e9)   # 768×512 does not fit even split
+    assert "use 384×576 px" in smaller                   # width×height, same aspect, ≤ 512² pixels
+    assert "even 256 px" in memory.fit_warning("sd1", 512, 512, free_bytes=1e9)
