@@ -147,12 +147,16 @@ def control_rows(reports: list[dict]) -> list[str]:
     return rows
 
 
-def markdown(reports: list[dict], variants: dict, command: str, clicks: int, eval_pairs: int, minutes: float) -> str:
+def markdown(reports: list[dict], variants: dict, command: str, clicks: int, eval_pairs: int, minutes: float,
+             ran: bool = True) -> str:
+    when = (f"{minutes:.0f} min for the cells run this time" if ran else
+            "tabulated with --no-run from the cells that earlier runs of this benchmark, same settings, left in --workdir")
     lines = [
         "## Learning: simulated choosers on the embedded model",
         "",
-        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, {minutes:.0f} min for the cells run this time, "
-        "2 shared CPU cores, one torch thread per cell). Each cell: a fresh session, "
+        f"Command: `{command}` ({time.strftime('%Y-%m-%d')}, {when}; "
+        "2 shared CPU cores, one torch thread per cell; s/click depends on the machine's load during each cell). "
+        "Each cell: a fresh session, "
         f"{clicks} clicks of prompts drawn from the embedded world, {eval_pairs} held-out (prompt, seed) pairs "
         "rendered by base and tuned model with the same noise. **win** = tuned beats base by more than "
         "0.25 σ_base of the chooser's score; **effect** = mean change / σ_base; **fidelity** = colour-and-kind "
@@ -224,7 +228,8 @@ def main(argv=None) -> None:
         run_cells(cells, args.jobs)
     reports = load_reports(cells)
     command = "python -m d3po_studio.bench.learning " + " ".join(a for a in (argv or sys.argv[1:]))
-    text = markdown(reports, variants, command.strip(), args.clicks, args.eval_pairs, (time.perf_counter() - start) / 60)
+    text = markdown(reports, variants, command.strip(), args.clicks, args.eval_pairs, (time.perf_counter() - start) / 60,
+                    ran=not args.no_run)
     if not args.no_docs:
         write_section("learning", text, **({"path": args.docs} if args.docs else {}))
     print(text)
