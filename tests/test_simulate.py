@@ -43,3 +43,15 @@ def test_simulate_command_writes_report(tmp_path, capsys):
 def test_unknown_oracle_lists_valid_ones(tmp_path, capsys):
     assert main(["simulate", "--oracle", "bluer", "--rounds", "1", "--out", str(tmp_path / "s")]) == 2
     assert "brighter" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="the embedded model's weights are not in this checkout")
+def test_lagged_simulation_trains_every_click_one_behind(tmp_path):
+    """lag=1: each click is trained after the next batch is sampled; the last lands before the report."""
+    from d3po_studio.core.simulate import run_simulation
+    report = run_simulation(tmp_path / "sim", oracle="brighter", rounds=3, eval_pairs=2, lag=1, eval_at=(3,),
+                            gradient_checkpointing=False)
+    rounds = sorted((tmp_path / "sim" / "session" / "rounds").glob("*/round.json"))
+    statuses = [json.loads(p.read_text())["status"] for p in rounds]
+    assert statuses == ["applied"] * 3
+    assert report["fresh_accuracy"][0] is None and len(report["fresh_accuracy"]) == 3  # click 1 trained at click 2
