@@ -172,6 +172,7 @@ def test_an_idle_session_is_closed_and_its_tab_gets_it_back(tmp_path):
     _wait_running(busy)
     assert reg.sweep(now=time.monotonic() + 61) == [(tmp_path / "idle").resolve()]
     assert idle.closed and not busy.closed      # one still training is left alone
+    assert reg.holds(tmp_path / "idle", "api-call-2") and not reg.is_open(tmp_path / "idle")
     _open(tmp_path / "idle").close()             # its folder lock was released
     again = reg.get(tmp_path / "idle", "api-call-2")
     assert again is not idle and again.updates == 0
