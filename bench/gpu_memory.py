@@ -65,6 +65,7 @@ class Variant:
     note: str               # what differs from ours, in words
     official: bool = False  # bench/official.py's replica instead of the session's update
     vae_slicing: bool = False  # the VAE decodes one image at a time (diffusers' enable_slicing)
+    vae_tiling: bool = False   # ... and in overlapping tiles (diffusers' enable_tiling)
 
 
 VARIANTS = {
@@ -74,12 +75,15 @@ VARIANTS = {
     "ours-no-checkpointing": Variant({"gradient_checkpointing": False}, True, "gradient checkpointing off"),
     "ours-vae-slicing": Variant({}, True, "+ VAE decoding one image at a time (vae.enable_slicing())",
                                 vae_slicing=True),
+    "ours-vae-tiling": Variant({}, True, "+ vae.enable_tiling() on top of slicing (diffusers tiles only latents "
+                                         "larger than the VAE's sample size: none at the native size)",
+                               vae_slicing=True, vae_tiling=True),
     "official": Variant({}, False, "official recipe: deep-copied reference UNet, no checkpointing, "
                                    "32-bit AdamW, classic attention, both images' graphs alive", official=True),
 }
 ORDER = ["ours", "official", "ours-split", "ours-no-checkpointing", "ours-no-offload",
-         "ours-vae-slicing"]                               # most needed first
-SAMPLING_ONLY = ("ours-vae-slicing",)                      # the VAE is not used in an update
+         "ours-vae-slicing", "ours-vae-tiling"]            # most needed first
+SAMPLING_ONLY = ("ours-vae-slicing", "ours-vae-tiling")    # the VAE is not used in an update
 PLAN = {"sd1:512": ORDER, "sdxl:1024": ORDER, "sd2:768": ORDER, "sd1:1024": ["ours"]}
 
 
@@ -211,6 +215,8 @@ def _session_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, d
     _tag_grads(session.params, live)
     if v.vae_slicing:
         pipe.vae.enable_slicing()
+    if v.vae_tiling:
+        pipe.vae.enable_tiling()
     offload = functools.partial(offload_for_update, host="meta") if v.offload else update.offload_for_update
 
     def run(kind, traj=None, progress=None, steps=STEPS):
@@ -390,6 +396,7 @@ def markdown(results: list[dict], command: str) -> str:
     for key in dict.fromkeys(f"{r['family']}:{r['size']}" for r in results):
         rows = [r for r in results if f"{r['family']}:{r['size']}" == key]
         out += _memory_table(rows)
+    out += _estimate_check(results)
     out += _time_table([r for r in results if r["variant"] == "ours" and "flops_fixed" in r])
     return "\n".join(out)
 
@@ -422,9 +429,11 @@ def _memory_table(rows: list[dict]) -> list[str]:
                for n in by if ours and n.startswith("ours-") and "peak_bytes" in by[n]]
     if savings:
         lines.append("Each saving of the update, as the peak with it undone − ours: " + "; ".join(savings) + ".")
-    if ours and "sampling" in ours and "ours-vae-slicing" in by:
-        lines.append(f"Sampling with the VAE decoding one image at a time: "
-                     f"{_signed(by['ours-vae-slicing']['sampling']['peak_bytes'] - ours['sampling']['peak_bytes'])}.")
+    vae = [f"{VARIANTS[n].note.removeprefix('+ ')}: "
+           f"{_signed(by[n]['sampling']['peak_bytes'] - ours['sampling']['peak_bytes'])}"
+           for n in SAMPLING_ONLY if n in by and ours and "sampling" in ours]
+    if vae:
+        lines.append("Each saving of the sampling peak against ours: " + "; ".join(vae) + ".")
     return lines + [""]
 
 
@@ -434,6 +443,25 @@ def _row(what: str, r: dict, official: dict | None) -> list:
             report.gb(b["text encoders + VAE"]), report.gb(b["reference UNet copy"]),
             report.gb(b["LoRA grads"] + b["optimizer states"]), report.gb(b["activations"] + b["trajectory"]),
             f"{r['peak_bytes'] / official['peak_bytes']:.2f}×" if official else "—", r["note"]]
+
+
+def _estimate_check(results: list[dict]) -> list[str]:
+    """``core.memory.estimate_bytes`` from the native-size rows against "ours" at other sizes."""
+    from ..core.memory import estimate_bytes
+    measured = measured_constants(results)
+    rows = []
+    for r in results:
+        if r["variant"] == "ours" and r["size"] != NATIVE[r["family"]] and r["family"] in measured:
+            est = estimate_bytes(r["family"], r["size"], r["size"], measured=measured)
+            for part, got in (("update", r.get("peak_bytes")), ("sampling", r.get("sampling", {}).get("peak_bytes"))):
+                if got:
+                    rows.append([f"{LABELS[r['family']]} at {r['size']} px, {part}", report.gb(est[part]),
+                                 report.gb(got), f"{est[part] / got - 1:+.0%}"])
+    if not rows:
+        return []
+    return ["### The fit warning's estimate against a measurement at another size\n",
+            "`core.memory.estimate_bytes` (used by `fit_warning`) scales the activations measured at the "
+            "native size by the pixel count, an update's only upward (they do not shrink in proportion):\n", report.table(["what", "estimate", "measured", "error"], rows), ""]
 
 
 def _signed(n_bytes: float) -> str:

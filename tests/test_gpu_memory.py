@@ -70,6 +70,8 @@ def test_estimate_scales_activations_with_pixels_and_images(monkeypatch):
     at_native = memory.estimate_bytes("sd1", 512, 512)
     assert at_native == {"sampling": 3e9, "update": 4e9, "click": 4e9}
     assert memory.estimate_bytes("sd1", 1024, 512)["update"] == 2e9 + 2 * 2e9
+    small = memory.estimate_bytes("sd1", 256, 256)              # an update's activations never shrink
+    assert small["update"] == 4e9 and small["sampling"] == 2.5e9 + 0.5e9 / 4
     assert memory.estimate_bytes("sd1", 512, 512, n=4)["update"] == 2e9 + 2 * 2e9     # two pairs' graphs
     assert memory.estimate_bytes("sd1", 512, 512, n=4, backward="split")["update"] == 2e9 + 1e9
     with pytest.raises(ValueError, match="sd1"):
@@ -88,3 +90,24 @@ def test_fit_warning_says_what_to_change(monkeypatch):
     smaller = memory.fit_warning("sd1", 768, 512, free_bytes=3.0e9)   # 768×512 does not fit even split
     assert "use 384×576 px" in smaller                   # width×height, same aspect, ≤ 512² pixels
     assert "even 256 px" in memory.fit_warning("sd1", 512, 512, free_bytes=1e9)
+
+
+def test_measured_figures_are_the_benchmark_results():
+    """core.memory.MEASURED (what fit_warning uses) is exactly what bench/gpu_memory.py measured."""
+    from d3po_studio.bench.gpu_memory import RESULTS, measured_constants
+    from d3po_studio.core.memory import MEASURED
+    results = json.loads(RESULTS.read_text())["results"]
+    assert MEASURED and MEASURED == measured_constants(results)
+
+
+def test_benchmark_section_renders_from_its_results(tmp_path):
+    from d3po_studio.bench import report
+    from d3po_studio.bench.gpu_memory import RESULTS, write_all
+    payload = json.loads(RESULTS.read_text())
+    doc = tmp_path / "benchmarks.md"
+    write_all(payload["results"], payload["command"], doc, tmp_path / "r.json")
+    section = report.read_section("gpu_memory", doc)
+    assert "### SD 1.5 at 512×512 px" in section and "Update, ours ÷ official" in section
+    assert "| update (2 clicks) | ours |" in section and "| sampling a pair | ours |" in section
+    assert "ESTIMATE from counted FLOPs" in section and "RTX 4090" in section
+    assert json.loads((tmp_path / "r.json").read_text()) == payload
