@@ -1,6 +1,6 @@
 """GPU memory and time of one click at native resolution, measured with fake tensors on a CPU.
 
-    OMP_NUM_THREADS=1 nice -n 10 python -m d3po_studio.bench.gpu_memory        # ~25 min, 2 cores
+    OMP_NUM_THREADS=1 nice -n 10 python -m d3po_studio.bench.gpu_memory   # hours on 2 loaded cores (SDXL "ours": 36 min)
     python -m d3po_studio.bench.gpu_memory --plan sd1:256 --variants ours --doc /tmp/b.md  # smoke
 
 Full-size SD 1.5, SD 2.1 (768 px, v-prediction) and SDXL pipelines are built from the shipped
