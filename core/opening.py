@@ -118,6 +118,7 @@ def prepare_pipeline(pipe, runtime: Runtime):
             module.to(dtype=runtime.dtype)
     if pipe.vae.dtype != torch.float32:
         pipe.vae.to(dtype=torch.float32)  # decode in fp32: SDXL's VAE overflows in fp16
+    pipe.vae.enable_slicing()   # decode one image at a time: the click's memory peak (docs/benchmarks.md)
     pipe.set_progress_bar_config(disable=True)
     apply_attention(pipe, runtime.attention)
     return pipe

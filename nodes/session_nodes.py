@@ -64,7 +64,7 @@ def write_lora(h, session, name: str, format: str = "kohya") -> str:
 
 def _info(session) -> str:
     info = session.info()
-    return json.dumps({k: info[k] for k in ("folder", "model", "family", "updates")})
+    return json.dumps({k: info[k] for k in ("folder", "model", "family", "updates", "notes")})
 
 
 def _session_input(io):

@@ -111,3 +111,18 @@ def test_benchmark_section_renders_from_its_results(tmp_path):
     assert "| update (2 clicks) | ours |" in section and "| sampling a pair | ours |" in section
     assert "ESTIMATE from counted FLOPs" in section and "RTX 4090" in section
     assert json.loads((tmp_path / "r.json").read_text()) == payload
+
+
+def test_a_session_that_would_not_fit_says_so_at_open(tmp_path, tiny_sd1, monkeypatch, caplog):
+    """Session.open notes (and logs) fit_warning's advice when the GPU's free memory is too small."""
+    import d3po_studio.core.memory as memory
+    from d3po_studio import Session
+    monkeypatch.setattr(memory, "device_free_bytes", lambda device: 1e9)       # a 1 GB card
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=2, dtype="float32",
+                      height=512, width=512) as s:
+        assert s.memory_warning() and "GB" in s.memory_warning()
+        assert s.info()["notes"] == [s.memory_warning()]
+        assert s.pipe.vae.use_slicing                                              # decode one image at a time
+    monkeypatch.setattr(memory, "device_free_bytes", lambda device: None)        # a CPU
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1) as s:
+        assert s.memory_warning() is None and s.info()["notes"] == []
