@@ -164,8 +164,8 @@ def build_app(model: str = "embedded", session=None, sessions_dir=None, export_d
         none_btn.click(lock, None, controls, **private).then(
             cb.skip, [folder, round_id, *sampling], [*batch_out, *history], api_name="skip",
             show_progress_on=busy).then(unlock, seed, [*controls, cmp_seed], **private)
-        cancel_btn.click(cb.cancel, folder, status, api_name="cancel", queue=False)
-        cmp_cancel.click(cb.cancel, folder, status, api_visibility="private", queue=False)
+        cancel_btn.click(cb.cancel, None, status, api_name="cancel", queue=False)
+        cmp_cancel.click(cb.cancel, None, status, api_visibility="private", queue=False)
         undo_btn.click(cb.undo, [folder], [status, *history], api_name="undo")
         undo_btn2.click(cb.undo, [folder], [status, *history], api_visibility="private")
         refresh_btn.click(cb.history, [folder], history, api_name="history")

@@ -20,7 +20,7 @@ import torch
 from ..core.errors import Cancelled, ConfigError, D3POError, SessionError
 from ..core.storage import SessionFolder
 from . import views
-from .cancel import CancelFlags, stop_updates
+from .cancel import CancelFlags, stop_updates, stop_when
 from .inputs import parse_count, parse_finite, parse_seed
 from .paths import child, export_file_name, new_run_folder, sessions_home
 from .registry import REGISTRY, SessionRegistry
@@ -136,13 +136,14 @@ class Callbacks:
         """folder, round, gallery, seed, status, sessions list, resolution menu."""
         sampling = _sampling(steps, guidance, resolution)          # checked before a session is made
         seed = _round_seed(seed_mode, seed)
-        session, created = self._session_or_new(folder, request)
-        menus = self._new_session_menus(session) if created else (gr.skip(), gr.skip())
-        try:
-            with self.cancels.running(request.session_hash, session.pipe.unet):
-                batch = self._sample(session, prompt, negative, n, seed, sampling, progress)
-        except Cancelled:                  # the tab keeps the session it just got
-            return (str(session.folder.root), None, gr.Gallery(value=[]), gr.skip(), gr.skip(), *menus)
+        with self.cancels.running(request.session_hash) as flag:
+            session, created = self._session_or_new(folder, request)
+            menus = self._new_session_menus(session) if created else (gr.skip(), gr.skip())
+            try:
+                with stop_when(flag, session.pipe.unet):
+                    batch = self._sample(session, prompt, negative, n, seed, sampling, progress)
+            except Cancelled:              # the tab keeps the session it just got
+                return (str(session.folder.root), None, gr.Gallery(value=[]), gr.skip(), gr.skip(), *menus)
         note = (f"Started session **{session.folder.root.name}** on {views.model_name(session.meta['model'])}."
                 if created else "")
         return (str(session.folder.root), batch.id, *self._batch_outputs(session, batch, note), *menus)
@@ -157,11 +158,12 @@ class Callbacks:
             raise ConfigError("no images are shown: press Sample first")
         sampling = _sampling(steps, guidance, resolution, _native(session))
         seed = _round_seed(seed_mode, seed)
-        session.prefer(round_id, best=int(best), wait=False,
-                       progress=stop_updates(self.cancels.update_flag(request.session_hash)))
+        session.prefer(round_id, best=parse_count(best, "best (the number of the image you prefer, from 0)", 0),
+                       wait=False,
+                       progress=stop_updates(self.cancels.update_flag(request.session_hash, session)))
         note = f"Click {_clicks(session)} saved; the model learns from it while you look at the next pair."
         try:
-            with self.cancels.running(request.session_hash, session.pipe.unet):
+            with self.cancels.running(request.session_hash) as flag, stop_when(flag, session.pipe.unet):
                 batch = self._sample(session, prompt, negative, n, seed, sampling, progress)
         except Cancelled:                  # the update goes on; only the next pair was cancelled
             return (None, gr.Gallery(value=[], selected_index=None), gr.skip(),
@@ -200,17 +202,17 @@ class Callbacks:
         sampling = _sampling(steps, guidance, resolution, _native(session))
         seed = _round_seed(seed_mode, seed)
         session.prefer(round_id, none=True)
-        with self.cancels.running(request.session_hash, session.pipe.unet):
+        with self.cancels.running(request.session_hash) as flag, stop_when(flag, session.pipe.unet):
             batch = self._sample(session, prompt, negative, n, seed, sampling, progress)
         note = "Skipped: nothing was learned from that pair."
         return (batch.id, *self._batch_outputs(session, batch, note), *self._history_outputs(session))
 
-    def cancel(self, folder, request: gr.Request):
-        """Cancel: the tab's sample or compare stops at its next step; its queued and running
-        updates are cancelled (rolled back; those clicks stay in the log as cancelled)."""
-        tab = request.session_hash
-        updates = self._pending_updates(folder, tab)
-        action = self.cancels.cancel(tab)
+    def cancel(self, request: gr.Request):
+        """Cancel: the tab's sample or compare stops at its next step (also while its session is
+        still opening); its queued and running updates are cancelled (rolled back; those clicks
+        stay in the log as cancelled). Answers at once."""
+        action, session = self.cancels.cancel(request.session_hash)
+        updates = _pending_updates(session)
         if not action and not updates:
             return "Nothing is running."
         said = ["**Cancelled.**"]
@@ -220,13 +222,6 @@ class Callbacks:
             said.append(f"{views.plural(updates, 'click')} still waiting to be learned will not be: "
                         "the model stays as it was before them.")
         return " ".join(said)
-
-    def _pending_updates(self, folder, tab: str) -> int:
-        try:
-            pending = self.registry.get(folder, tab).pending()
-        except SessionError:
-            return 0
-        return pending["queued"] + (pending["running"] is not None)
 
     # ------------------------------------------------- history, undo, export
     @shown_errors
@@ -259,7 +254,7 @@ class Callbacks:
         seed = parse_seed(seed, "Compare seed")
         scale = parse_finite(scale, "LoRA strength", 0.0, 2.0)
         sampling = _sampling(steps, guidance, resolution, _native(session))
-        with self.cancels.running(request.session_hash, session.pipe.unet):
+        with self.cancels.running(request.session_hash) as flag, stop_when(flag, session.pipe.unet):
             base = session.render(prompt or "", seed, scale=0.0, negative_prompt=negative or "", **sampling)[0]
             tuned = session.render(prompt or "", seed, scale=scale, negative_prompt=negative or "", **sampling)[0]
         caption = views.compare_caption(prompt or "", negative or "", seed, scale, base.width, session.updates)
@@ -283,7 +278,7 @@ class Callbacks:
 
     def _session_or_new(self, folder, request: gr.Request):
         """This tab's session, or a new one with a name no other tab can get: (session, created)."""
-        if folder and self.registry.is_open(folder):
+        if folder and self.registry.holds(folder, request.session_hash):   # reopened if closed for idleness
             return self.registry.get(folder, request.session_hash), False
         fresh = new_run_folder(self.config.sessions_dir, "session")
         return self._open(fresh, request, {}, new=True), True
@@ -326,6 +321,15 @@ class Callbacks:
                    f"{counts['undone']} undone. {views.leaning_sentence(rows)}")
         return (summary, views.learning_figure(rows),
                 views.chosen_images(clicked, session.folder.round_dir, THUMBNAILS))
+
+
+def _pending_updates(session) -> int:
+    """Updates queued or running on ``session`` (0 for None or a closed one)."""
+    try:
+        pending = session.pending() if session is not None else None
+    except SessionError:
+        return 0
+    return pending["queued"] + (pending["running"] is not None) if pending else 0
 
 
 def _resumed(folder: Path) -> str:

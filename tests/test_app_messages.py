@@ -60,6 +60,14 @@ def test_a_bad_sampling_seed_or_size_is_a_message(server):
         assert Image.open(root / "sessions" / "sizes" / "rounds" / rec["id"] / "image_0.png").size == (128, 128)
 
 
+def test_a_click_without_an_image_number_is_a_message(server):
+    demo, _, _ = server
+    c = new_client(demo, "no-best")
+    c.predict(**SAMPLING, api_name="/sample")
+    with pytest.raises(AppError, match="best .the number of the image you prefer, from 0. is empty"):
+        c.predict(best=None, **SAMPLING, api_name="/prefer")
+
+
 def test_a_user_error_is_one_log_line_not_a_traceback(server, capfd, caplog):
     """Issue 11 item 8: 195 tracebacks for ordinary user errors."""
     demo, _, _ = server
@@ -155,7 +163,8 @@ def test_cancel_stops_a_sample_and_a_queued_update(server):
     stopped = time.monotonic()
     job.result(timeout=60)
     assert "Cancelled" in note and "The running sample or comparison stops" in note
-    assert time.monotonic() - stopped < 5 and rounds(folder) == []
+    assert rounds(folder) == []                  # stopped before its end: nothing saved
+    assert time.monotonic() - stopped < 60       # (one UNet call; seconds even on a loaded machine)
 
     c.predict(**{**SAMPLING, "steps": 20}, api_name="/sample")
     c.predict(best=0, **{**SAMPLING, "steps": 20}, api_name="/prefer")
