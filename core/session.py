@@ -30,7 +30,7 @@ from .loss import pairs_from_best, pairs_from_ranking
 from .opening import open_folder, prepare_pipeline  # noqa: F401  (prepare_pipeline: replay imports it here)
 from .pool import POOL, SharedPipeline
 from .recovery import open_head, settle_rounds
-from .runtime import Runtime, make_optimizer, peak_memory_bytes
+from .runtime import Runtime, make_optimizer, measure_memory
 from .sampling import Trajectory, decode, sample_trajectory
 from .storage import SessionFolder, read_tensors, write_tensors
 from .trainstate import State, TrainState
@@ -283,10 +283,8 @@ class Session:
         s = self.settings.replace(**sampling)
         saved = self._train.snapshot(self.updates)
         device = self.runtime.device
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
         try:
-            with Timer() as timer:
+            with measure_memory(device) as memory, Timer() as timer:   # this update's, not the process's
                 metrics, grad_norm = self._train_step(traj, pairs, s, progress)
         except (FloatingPointError, torch.OutOfMemoryError, RuntimeError) as e:
             self._load_state(saved)
@@ -301,7 +299,7 @@ class Session:
             self._mark(record, "cancelled" if isinstance(e, Cancelled) else "interrupted", e)
             raise
         report = {**metrics, "grad_norm": grad_norm, "seconds": timer.seconds, "pairs": len(pairs),
-                  "peak_memory_bytes": peak_memory_bytes(device), "updates": self.updates + 1}
+                  **memory(), "updates": self.updates + 1}
         self._commit(record, report)
         return report
 
