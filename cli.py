@@ -9,7 +9,7 @@
 
 Default folders (the app's sessions, simulate's output) live in one user data directory:
 --home, else $D3PO_HOME, else ~/.local/share/d3po-studio (gradio_app/paths.py). Numbers are
-checked before any model loads (gradio_app/inputs.py); long runs show a progress bar on stderr.
+checked before any model loads (core/inputs.py); long runs show a progress bar on stderr.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
 
 
 def _checked(parse, *args):
-    """An argparse ``type`` from a gradio_app.inputs parser: a bad value is a usage message."""
+    """An argparse ``type`` from a core.inputs parser: a bad value is a usage message."""
     def convert(text):
         from .core.errors import ConfigError
         try:
@@ -51,7 +51,7 @@ def _checked(parse, *args):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .gradio_app.inputs import parse_count, parse_finite, parse_seed
+    from .core.inputs import parse_count, parse_finite, parse_seed
     p = argparse.ArgumentParser(prog="d3po-studio", description="Steer a diffusion model by clicking the "
                                 "image you prefer (D3PO on a LoRA).")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")

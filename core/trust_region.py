@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .sampling import Trajectory, predict_noise
+from .update import pair_slots
 
 PROBES = 3   # trajectory steps at which the change of the predictions is measured
 
@@ -62,7 +63,7 @@ class TrustRegion:
     @classmethod
     def before_step(cls, pipe, trajectory: Trajectory, pairs, s, params, device) -> "TrustRegion":
         steps = probe_steps(len(trajectory.timesteps))
-        images = sorted({i for pair in pairs for i in pair})
+        images = pair_slots(pairs, device)[0]
         outputs = predictions(pipe, trajectory, steps, images, s.guidance, device)
         return cls([p.detach().clone() for p in params], outputs, trajectory, steps, images, s.guidance, device)
 

@@ -21,7 +21,7 @@ from ..core.errors import Cancelled, ConfigError, D3POError, SessionError
 from ..core.storage import SessionFolder
 from . import views
 from .cancel import CancelFlags, stop_updates, stop_when
-from .inputs import parse_count, parse_finite, parse_seed
+from ..core.inputs import parse_count, parse_finite, parse_seed
 from .paths import child, export_file_name, new_run_folder, sessions_home
 from .registry import REGISTRY, SessionRegistry
 

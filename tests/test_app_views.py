@@ -1,5 +1,5 @@
 """What the page shows, as pure functions (gradio_app/views.py) and the number parsers
-(gradio_app/inputs.py): hand-made inputs, exact outputs."""
+(core/inputs.py): hand-made inputs, exact outputs."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ from PIL import Image
 
 from d3po_studio.core.errors import ConfigError
 from d3po_studio.gradio_app import views
-from d3po_studio.gradio_app.inputs import SEED_MAX, parse_count, parse_finite, parse_seed
+from d3po_studio.core.inputs import SEED_MAX, parse_count, parse_finite, parse_seed
 
 
 def test_resolutions_follow_the_native_size_and_say_the_cost():

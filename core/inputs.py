@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from ..core.errors import ConfigError
+from .errors import ConfigError
 
 SEED_MAX = 2**32 - 1          # seeds are 0..2**32-1: what numpy, torch and every UI accept
 
