@@ -250,9 +250,9 @@ class Callbacks:
     @shown_errors
     def compare(self, folder, prompt, negative, seed, scale, steps, guidance, resolution, request: gr.Request):
         """base image, tuned image, caption: the same prompt and noise, LoRA off and on."""
-        session = self.registry.get(folder, request.session_hash)
-        seed = parse_seed(seed, "Compare seed")
+        seed = parse_seed(seed, "Compare seed")          # the user's numbers first: a message whatever the session
         scale = parse_finite(scale, "LoRA strength", 0.0, 2.0)
+        session = self.registry.get(folder, request.session_hash)
         sampling = _sampling(steps, guidance, resolution, _native(session))
         with self.cancels.running(request.session_hash) as flag, stop_when(flag, session.pipe.unet):
             base = session.render(prompt or "", seed, scale=0.0, negative_prompt=negative or "", **sampling)[0]
