@@ -67,12 +67,26 @@ def run_cell(cell: dict) -> dict:
     return report
 
 
-def run_cells(cells: list[dict], jobs: int) -> None:
-    """Run the cells without a report as subprocesses, ``jobs`` at a time, one torch thread each."""
+def run_cells(cells: list[dict], jobs: int, deadline: float | None = None, stop: float | None = None) -> None:
+    """Run the cells without a report as subprocesses, ``jobs`` at a time, one torch thread each.
+
+    No cell starts ``deadline`` seconds from now or later; cells still running at ``stop`` seconds
+    are killed (they leave no report; a later run with the same --workdir redoes them).
+    """
     todo = [c for c in cells if not (Path(c["out"]) / "report.json").exists()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     running: list[tuple[subprocess.Popen, dict]] = []
+    start = time.monotonic()
     while todo or running:
+        elapsed = time.monotonic() - start
+        if deadline is not None and elapsed > deadline and todo:
+            print(f"deadline: {len(todo)} cells not started", flush=True)
+            todo = []
+        if stop is not None and elapsed > stop:
+            for proc, cell in running:
+                proc.kill()
+                print(f"{Path(cell['out']).name}: stopped at the deadline", flush=True)
+            return
         while todo and len(running) < jobs:
             cell = todo.pop(0)
             Path(cell["out"]).parent.mkdir(parents=True, exist_ok=True)
@@ -128,8 +142,13 @@ def chooser_rows(reports: list[dict], clicks: int) -> list[str]:
         secs = [r["seconds_per_click"] for r in group]
         mode = "pairs" if n == 2 else f"best of {n}"
         rows.append(f"| {variant} | {chooser} | {mode} | {len(group)} | " + " | ".join(cells)
-                    + f" | {_stat(fid, '.0f')}% | {_stat(fresh, '.0f')}% | {_stat(secs, '.1f')} |")
+                    + f" | {_stat(fid, '.0f')}% | {_stat(fresh, '.0f')}% | {_stat(secs, '.1f')} | {_devices(group)} |")
     return rows
+
+
+def _devices(group: list[dict]) -> str:
+    """Where the cells ran, e.g. "cuda float16" (numbers differ slightly between devices)."""
+    return ", ".join(sorted({f"{r['runtime']['device'].split(':')[0]} {r['runtime']['dtype']}" for r in group}))
 
 
 def control_rows(reports: list[dict]) -> list[str]:
@@ -143,7 +162,7 @@ def control_rows(reports: list[dict]) -> list[str]:
         fid = [p["fidelity_vs_base"] * 100 for p in last if p.get("fidelity_vs_base") is not None]
         mode = "pairs" if n == 2 else f"best of {n}"
         rows.append(f"| {variant} | {mode} | {len(group)} | {last[0]['clicks']} | " + " | ".join(cells)
-                    + f" | {_stat(fid, '.0f')}% |")
+                    + f" | {_stat(fid, '.0f')}% | {_devices(group)} |")
     return rows
 
 
@@ -169,14 +188,14 @@ def markdown(reports: list[dict], variants: dict, command: str, clicks: int, eva
                                                  for k, v in variants.items()) + ".",
         "",
         "| variant | chooser | mode | seeds | " + " | ".join(f"win / effect @{c}" for c in EVAL_AT if c <= clicks)
-        + " | fidelity | fresh acc. | s/click |",
-        "|---|---|---|---|" + "---|" * len([c for c in EVAL_AT if c <= clicks]) + "---|---|---|",
+        + " | fidelity | fresh acc. | s/click | device |",
+        "|---|---|---|---|" + "---|" * len([c for c in EVAL_AT if c <= clicks]) + "---|---|---|---|",
         *chooser_rows(reports, clicks),
         "",
         "Control: random clicks, scored by each chooser at the last evaluation (win / effect):",
         "",
-        "| variant | mode | seeds | clicks | " + " | ".join(CHOOSERS) + " | fidelity |",
-        "|---|---|---|---|" + "---|" * len(CHOOSERS) + "---|",
+        "| variant | mode | seeds | clicks | " + " | ".join(CHOOSERS) + " | fidelity | device |",
+        "|---|---|---|---|" + "---|" * len(CHOOSERS) + "---|---|",
         *control_rows(reports),
     ]
     return "\n".join(lines)
@@ -190,8 +209,13 @@ def plan(args) -> tuple[list[dict], dict]:
     if args.only:
         variants = {k: v for k, v in variants.items() if k in args.only}
     cells = []
-    # seeds outermost: a study stopped early still has every cell's first seeds
-    for seed, (name, settings), chooser, n in itertools.product(args.seeds, variants.items(), args.choosers, args.modes):
+    # seeds outermost: a study stopped early still has every cell's first seeds (--by variant:
+    # variants outermost, in the order given, so that one stopped early has whole variants)
+    grid = itertools.product(args.seeds, variants.items(), args.choosers, args.modes)
+    if args.by == "variant":
+        grid = ((seed, v, chooser, n) for v, seed, chooser, n in
+                itertools.product(variants.items(), args.seeds, args.choosers, args.modes))
+    for seed, (name, settings), chooser, n in grid:
         out = Path(args.workdir) / cell_name(name, chooser, n, seed)
         cells.append({"variant": name, "settings": settings, "chooser": chooser, "n": n, "seed": seed,
                       "clicks": args.clicks, "eval_pairs": args.eval_pairs, "out": str(out)})
@@ -211,6 +235,9 @@ def main(argv=None) -> None:
                    help="a settings variant to run beside the defaults (repeatable)")
     p.add_argument("--only", nargs="+", help="run only these variants (e.g. default)")
     p.add_argument("--jobs", type=int, default=2, help="cells at once (one torch thread each)")
+    p.add_argument("--by", choices=("seed", "variant"), default="seed", help="outermost loop of the plan")
+    p.add_argument("--deadline", type=float, help="start no cell after this many seconds")
+    p.add_argument("--stop", type=float, help="kill the cells still running after this many seconds")
     p.add_argument("--workdir", help="keep the cells here; existing reports are reused (default: a temp folder)")
     p.add_argument("--docs", default=None, help="benchmarks.md to write (default docs/benchmarks.md)")
     p.add_argument("--no-docs", action="store_true", help="print the table only")
@@ -225,7 +252,7 @@ def main(argv=None) -> None:
     cells, variants = plan(args)
     start = time.perf_counter()
     if not args.no_run:
-        run_cells(cells, args.jobs)
+        run_cells(cells, args.jobs, args.deadline, args.stop)
     reports = load_reports(cells)
     command = "python -m d3po_studio.bench.learning " + " ".join(a for a in (argv or sys.argv[1:]))
     text = markdown(reports, variants, command.strip(), args.clicks, args.eval_pairs, (time.perf_counter() - start) / 60,

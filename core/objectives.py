@@ -21,7 +21,7 @@ from .update import steps_to_train
 def d3po(pipe, trajectory, pairs, s, *, device, generator, progress=None, weight: float = 1.0) -> dict[str, float]:
     """D3PO (Yang et al. 2024): every kept step of the trajectory, each step's log-ratio weighted."""
     scheduler = make_scheduler(pipe, len(trajectory.timesteps))
-    steps = steps_to_train(trajectory, scheduler, s.eta, s.train_fraction, generator)
+    steps = steps_to_train(trajectory, scheduler, s.eta, s.train_fraction, generator, s.train_window)
     if not steps:
         raise SessionError("this batch has no stochastic step to train (eta = 0?)")
     return gradient_function(s.backward)(

@@ -7,6 +7,7 @@ so that a non-finite loss or gradient can be refused before anything changes.
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -19,9 +20,11 @@ from .sampling import Trajectory, make_scheduler, predict_noise
 
 
 def steps_to_train(trajectory: Trajectory, scheduler, eta: float, fraction: float,
-                   generator: torch.Generator) -> list[int]:
-    """Indices of the kept steps to train: all with σ_t > 0, or a random share of them."""
-    usable = [k for k, t in enumerate(trajectory.timesteps.tolist())
+                   generator: torch.Generator, window: float = 1.0) -> list[int]:
+    """Indices of the kept steps to train: all with σ_t > 0 among the first ``window`` share of
+    the trajectory (its noisiest steps), or a random ``fraction`` of those."""
+    first = max(1, math.ceil(window * len(trajectory.timesteps)))
+    usable = [k for k, t in enumerate(trajectory.timesteps.tolist()[:first])
               if step_coefficients(scheduler, t, eta)[2] > 0]
     if fraction >= 1.0 or not usable:
         return usable

@@ -140,6 +140,25 @@ def test_settings_validate_the_new_fields():
     with pytest.raises(ConfigError, match="step_weight"):
         Settings(step_weight="sigma")
     assert Settings(step_rms=None).step_rms is None
+    with pytest.raises(ConfigError, match="train_window"):
+        Settings(train_window=0.0)
+
+
+def test_train_window_keeps_the_noisiest_steps_first():
+    """train_window=0.5 trains the first half of the trajectory (high σ, where colour and layout
+    are decided); train_fraction then draws its share from those steps only."""
+    from d3po_studio.core.sampling import Trajectory, make_scheduler
+    from d3po_studio.core.update import steps_to_train
+    pipe = tiny_pipeline("sd1")
+    timesteps = torch.tensor([900, 800, 700, 600, 500, 400, 300, 200, 100, 0][:10])
+    traj = Trajectory(latents=torch.zeros(11, 2, 4, 2, 2), timesteps=timesteps, log_probs=torch.zeros(10, 2), cond={})
+    scheduler = make_scheduler(pipe, 10)
+    everything = steps_to_train(traj, scheduler, 1.0, 1.0, None)
+    assert steps_to_train(traj, scheduler, 1.0, 1.0, None, window=0.5) == everything[:5] == [0, 1, 2, 3, 4]
+    gen = torch.Generator().manual_seed(0)
+    drawn = steps_to_train(traj, scheduler, 1.0, 0.4, gen, window=0.5)
+    assert len(drawn) == 2 and set(drawn) <= {0, 1, 2, 3, 4}
+    assert steps_to_train(traj, scheduler, 1.0, 1.0, None, window=0.01) == [0]
 
 
 # ------------------------------------------------------------------ Diffusion-DPO
