@@ -60,8 +60,13 @@ def run_cell(cell: dict) -> dict:
     out = Path(cell["out"])
     settings = {**BENCH_SETTINGS, **cell["settings"]}
     lag = settings.pop("lag", 0)      # not a session setting: the simulated pipelining (core/simulate.py)
+    started = time.perf_counter()
+
+    def progress(click, clicks):     # in the cell's .log: how fast it goes, for runs that get stopped
+        if click % 5 == 0:
+            print(f"click {click}/{clicks} at {time.perf_counter() - started:.0f} s", flush=True)
     report = run_simulation(out, oracle=cell["chooser"], rounds=cell["clicks"], n=cell["n"], seed=cell["seed"],
-                            eval_pairs=cell["eval_pairs"], eval_at=EVAL_AT, lag=lag, **settings)
+                            eval_pairs=cell["eval_pairs"], eval_at=EVAL_AT, lag=lag, progress=progress, **settings)
     report["variant"] = cell["variant"]
     (out / "cell.json").write_text(json.dumps({**cell, "summary": report["summary"]}))
     return report

@@ -17,16 +17,18 @@ compare.png (base row above tuned row) and curve.png (objective against clicks).
 """
 from __future__ import annotations
 
+import logging
 import random
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, UpdateError
 from .oracles import ORACLES, get_oracle
 from .storage import write_json
 
+log = logging.getLogger(__name__)
 EVAL_AT = (10, 25, 50, 100)
 EVAL_SEED_OFFSET = 1_000_000       # held-out seeds never used for training rounds
 
@@ -89,7 +91,7 @@ def run_simulation(out, *, oracle: str, rounds: int, n: int = 2, seed: int = 0, 
         pairs = eval_set(eval_pairs, seed)
         base = [session.render(p, s, scale=0.0)[0] for p, s in pairs]
         base_fid = fidelity(base, [p for p, _ in pairs])
-        rows, click_seconds, fresh, tuned = [], [], [], base
+        rows, click_seconds, fresh, tuned, rolled_back = [], [], [], base, 0
         train_rng = random.Random(f"train-{seed}")
         checkpoints = sorted({c for c in eval_at if c < rounds} | {rounds})
         queue: list = []
@@ -97,17 +99,21 @@ def run_simulation(out, *, oracle: str, rounds: int, n: int = 2, seed: int = 0, 
             seconds, report = _click(session, chooser, train_rng, n, queue, lag)
             click_seconds.append(seconds)
             fresh.append(report.get("accuracy"))
+            rolled_back += bool(report.get("rolled_back"))
             if click == rounds:       # the last clicks still in the queue land before the report
                 while queue:
-                    session.prefer(*queue.pop(0))
+                    rolled_back += bool(_prefer(session, queue.pop(0)).get("rolled_back"))
             if click in checkpoints:
                 row, tuned = evaluate(session, pairs, base, click)
                 row["fidelity_vs_base"] = _ratio(row["fidelity"], base_fid)
                 row["fresh_accuracy"] = _mean_recent(fresh, click - (rows[-1]["clicks"] if rows else 0))
                 rows.append(row)
+                write_json(out / "partial.json", {"oracle": oracle, "n": n, "seed": seed, "checkpoints": rows,
+                                                  "rolled_back": rolled_back, "click_seconds": click_seconds})
             if progress:
                 progress(click, rounds)
         report = {"oracle": oracle, "rounds": rounds, "n": n, "seed": seed, "model": model,
+                  "rolled_back": rolled_back,
                   "settings": session.settings.to_dict(), "runtime": session.runtime.describe(),
                   "base_fidelity": base_fid, "checkpoints": rows,
                   "seconds_per_click": float(np.median(click_seconds)), "fresh_accuracy": fresh}
@@ -131,8 +137,18 @@ def _click(session, chooser, rng: random.Random, n: int, queue: list, lag: int) 
     batch = session.sample(prompt, n=n, seed=rng.randrange(EVAL_SEED_OFFSET))
     scores = chooser(batch.images, prompt)
     queue.append((batch, int(np.argmax(scores))))
-    report = session.prefer(*queue.pop(0)) if len(queue) > lag else {}
+    report = _prefer(session, queue.pop(0)) if len(queue) > lag else {}
     return time.perf_counter() - start, report
+
+
+def _prefer(session, click: tuple) -> dict:
+    """Train one click as a user's click is trained: an update that is rolled back (a non-finite
+    step, out of memory) leaves the click untrained and the simulation goes on, as the app does."""
+    try:
+        return session.prefer(*click)
+    except UpdateError as e:
+        log.warning("click not trained: %s", e)
+        return {"rolled_back": True}
 
 
 def _mean_recent(values: list, count: int) -> float | None:

@@ -55,3 +55,28 @@ def test_lagged_simulation_trains_every_click_one_behind(tmp_path):
     statuses = [json.loads(p.read_text())["status"] for p in rounds]
     assert statuses == ["applied"] * 3
     assert report["fresh_accuracy"][0] is None and len(report["fresh_accuracy"]) == 3  # click 1 trained at click 2
+
+
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="the embedded model's weights are not in this checkout")
+def test_a_rolled_back_update_leaves_the_click_untrained_and_the_simulation_goes_on(tmp_path, monkeypatch):
+    """A non-finite step (seen with fp16 weights on a GPU) rolls the update back; the simulation
+    counts it, keeps going, and leaves a partial report at each evaluation."""
+    from d3po_studio.core import update
+    from d3po_studio.core.simulate import run_simulation
+    real, calls = update.apply_gradients, []
+
+    def nan_on_the_second(params, optimizer, grad_clip):
+        calls.append(1)
+        if len(calls) == 2:
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError("non-finite gradient norm (nan)")
+        return real(params, optimizer, grad_clip)
+    monkeypatch.setattr(update, "apply_gradients", nan_on_the_second)
+    report = run_simulation(tmp_path / "sim", oracle="brighter", rounds=3, eval_pairs=2, eval_at=(2, 3),
+                            gradient_checkpointing=False)
+    assert report["rolled_back"] == 1 and len(report["checkpoints"]) == 2
+    statuses = [json.loads(p.read_text())["status"]
+                for p in sorted((tmp_path / "sim" / "session" / "rounds").glob("*/round.json"))]
+    assert statuses.count("applied") == 2 and len(statuses) == 3
+    partial = json.loads((tmp_path / "sim" / "partial.json").read_text())
+    assert [c["clicks"] for c in partial["checkpoints"]] == [2, 3] and partial["rolled_back"] == 1
