@@ -78,6 +78,7 @@ VARIANTS = {
     "ours-vae-tiling": Variant({}, True, "+ vae.enable_tiling() on top of slicing (diffusers tiles only latents "
                                          "larger than the VAE's sample size: none at the native size)",
                                vae_slicing=True, vae_tiling=True),
+    "ours-adamw32": Variant({"optimizer": "adamw"}, True, "32-bit torch AdamW instead of the automatic choice"),
     "official": Variant({}, False, "official recipe: deep-copied reference UNet, no checkpointing, "
                                    "32-bit AdamW, classic attention, both images' graphs alive", official=True),
 }
@@ -101,11 +102,15 @@ def fake_mode():
     return mode
 
 
-def build_pipeline(family: str, mode=None):
+def build_pipeline(family: str, mode=None, device=None):
     """The diffusers pipeline of ``family`` from the shipped configs ("tiny-sd1"/"tiny-sdxl": the
-    test pipelines of core/tiny.py), in float32; fake weights when ``mode`` is a FakeTensorMode.
-    ``Session.open`` (``prepare_pipeline``) casts it to the session's dtype, as for a loaded model."""
-    with mode or nullcontext():
+    test pipelines of core/tiny.py), in float32; fake weights when ``mode`` is a FakeTensorMode,
+    else random weights (seed 0) made directly on ``device`` (SDXL's UNet would take minutes to
+    initialise on a CPU). ``Session.open`` (``prepare_pipeline``) casts it to the session's
+    dtype, as for a loaded model."""
+    with mode or nullcontext(), torch.device(device) if device else nullcontext(), \
+            torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
         if family.startswith("tiny-"):
             from ..core.tiny import tiny_pipeline
             return tiny_pipeline(family.removeprefix("tiny-"))
@@ -188,11 +193,8 @@ def measure(family: str, size: int, name: str, sampling: bool = False, kept: int
     with live, tempfile.TemporaryDirectory(prefix="d3po-gpu-memory-") as folder:
         pipe = build_pipeline(family, mode if fake else None)
         setup = _official_setup if v.official else _session_setup
-        with setup(pipe, mode, live, folder, v, size, kept, dtype) as run:
-            live.track_module(pipe.unet, "UNet")
-            live.track(run.params, "LoRA")
-            for m in encoders(pipe):
-                live.track_module(m, "text encoders + VAE")
+        with setup(pipe, mode, live, folder, v, size, kept, dtype, torch.device("cpu")) as run:
+            _track_weights(live, pipe, run)
             row = {"variant": name, "family": family, "size": size, "note": v.note, "kept_steps": kept,
                    "fake": fake, "dtype": dtype}
             if sampling:
@@ -204,34 +206,43 @@ def measure(family: str, size: int, name: str, sampling: bool = False, kept: int
 
 
 @contextmanager
-def _session_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, dtype: str):
-    """A Session on the pipeline; yields ``run(kind, traj, progress)``: "sample" or "update"."""
+def _session_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, dtype: str, device: torch.device):
+    """A Session on the pipeline; yields ``run(kind, traj, progress, steps, fraction)``: "sample"
+    (``steps`` DDIM steps) or "update" (``fraction`` of the kept steps; default ``kept``/STEPS).
+
+    The text encoders and VAE go off the accelerator during an update as the session does it
+    (``core.memory.offload_for_update``): to the host on a GPU; with fake tensors, where the CPU
+    stands for the GPU, to the ``meta`` device, which the tracker does not count."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     from ..core import update
     from ..core.memory import offload_for_update
     from ..core.session import Session
     with mode:
-        session = Session.open(folder, model="bench", pipeline=pipe, device="cpu", dtype=dtype, height=size,
+        session = Session.open(folder, model="bench", pipeline=pipe, device=str(device), dtype=dtype, height=size,
                                width=size, train_fraction=kept / STEPS, **v.settings)
     _tag_grads(session.params, live)
     if v.vae_slicing:
         pipe.vae.enable_slicing()
     if v.vae_tiling:
         pipe.vae.enable_tiling()
-    offload = functools.partial(offload_for_update, host="meta") if v.offload else update.offload_for_update
+    fake = isinstance(mode, FakeTensorMode)
+    offload = (functools.partial(offload_for_update, host="meta") if fake else update.offload_for_update) \
+        if v.offload else _no_offload
 
-    def run(kind, traj=None, progress=None, steps=STEPS):
-        s = session.settings
+    def run(kind, traj=None, progress=None, steps=STEPS, fraction=None):
+        s = session.settings if fraction is None else session.settings.replace(train_fraction=fraction)
         with session._use_pipe():
             if kind == "sample":
                 with torch.no_grad():
-                    return _sample_and_decode(pipe, s.height, s.width, steps, progress)
+                    return _sample_and_decode(pipe, s.height, s.width, device, steps, progress)
             with mock.patch.object(update, "offload_for_update", offload):
                 result = session._train_step(traj, [(0, 1)], s, progress)
             for m in encoders(pipe):            # moved back: new storages, same owner
                 live.track_module(m, "text encoders + VAE")
             live.track(_optimizer_tensors(session.optimizer), "optimizer states")
             return result
-    run.params = session.params
+    run.params, run.notes = session.params, list(session.runtime.notes)
     try:
         yield run
     finally:
@@ -239,9 +250,15 @@ def _session_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, d
 
 
 @contextmanager
-def _official_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, dtype: str):
+def _no_offload(pipe, device):
+    yield pipe
+
+
+@contextmanager
+def _official_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, dtype: str, device: torch.device):
     """bench/official.py's update: a reference copy of the UNet (made after its LoRA, as there),
-    classic attention in both, torch AdamW; yields ``run(kind, traj, progress)``."""
+    classic attention in both, torch AdamW, the VAE decoding both images at once; yields
+    ``run(kind, traj, progress, steps, fraction)`` as ``_session_setup``."""
     from diffusers.models.attention_processor import AttnProcessor
 
     from ..core.lora import add_lora
@@ -252,7 +269,9 @@ def _official_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, 
     from .memory import LORA_TARGETS, _reference_copy
     from .official import OFFICIAL, official_accumulate
     with mode:
-        prepare_pipeline(pipe, resolve_runtime("cpu", dtype, "adamw", "sdpa"))
+        runtime = resolve_runtime(str(device), dtype, "adamw", "sdpa")
+        prepare_pipeline(pipe, runtime)
+        pipe.vae.disable_slicing()
         params = add_lora(pipe.unet, 4, 4.0, LORA_TARGETS)
         ref = _reference_copy(pipe.unet)
         for unet in (pipe.unet, ref):
@@ -261,18 +280,27 @@ def _official_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, 
     live.track_module(ref, "reference UNet copy")
     _tag_grads(params, live)
 
-    def run(kind, traj=None, progress=None, steps=STEPS):
+    def run(kind, traj=None, progress=None, steps=STEPS, fraction=None):
         if kind == "sample":
-            raise ValueError("the official replica is measured for updates only")
+            with torch.no_grad():
+                return _sample_and_decode(pipe, size, size, device, steps, progress)
         gen = torch.Generator("cpu").manual_seed(0)
-        steps = steps_to_train(traj, make_scheduler(pipe, STEPS), 1.0, kept / STEPS, gen)
-        official_accumulate(pipe, ref, traj, (0, 1), steps=steps, device=torch.device("cpu"), progress=progress,
+        trained = steps_to_train(traj, make_scheduler(pipe, len(traj.timesteps)), 1.0, kept / STEPS if fraction is None
+                                 else fraction, gen)
+        official_accumulate(pipe, ref, traj, (0, 1), steps=trained, device=device, progress=progress,
                             **{k: OFFICIAL[k] for k in ("beta", "guidance", "eta", "ratio_clip")})
         norm = apply_gradients(params, optimizer, 1.0)
         live.track(_optimizer_tensors(optimizer), "optimizer states")
         return norm
-    run.params = params
+    run.params, run.notes = params, list(runtime.notes)
     yield run
+
+
+def _track_weights(live, pipe, run) -> None:
+    live.track_module(pipe.unet, "UNet")
+    live.track(run.params, "LoRA")
+    for m in encoders(pipe):
+        live.track_module(m, "text encoders + VAE")
 
 
 def _tag_grads(params, live) -> None:
@@ -286,12 +314,12 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
 
-def _sample_and_decode(pipe, height: int, width: int, steps: int = STEPS, progress=None):
+def _sample_and_decode(pipe, height: int, width: int, device: torch.device, steps: int = STEPS, progress=None):
     """core.sampling.sample_trajectory of a pair with CFG, then the VAE decode of ``decode``
     without its conversion to PIL images (fake tensors have no pixels)."""
     from ..core.sampling import sample_trajectory
     traj = sample_trajectory(pipe, PROMPT, "", 2, 0, steps=steps, guidance=5.0, eta=1.0, height=height,
-                             width=width, device=torch.device("cpu"), progress=progress)
+                             width=width, device=device, progress=progress)
     vae = pipe.vae
     vae.decode(traj.latents[-1].to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)
     return traj
@@ -339,6 +367,251 @@ def _measure_clicks(run, pipe, live, size: int, count_flops: bool = True, clicks
         live.reset_peak()
         run("update", traj)
     return {**row, "peak_bytes": live.peak, "at_peak": _breakdown(live.at_peak)}
+
+
+# ------------------------------------------------------------------ real tensors on a device
+DEVICE_RESULTS = RESULTS.with_name("gpu_memory_device.json")
+DEVICE_VARIANTS = ["ours", "official", "ours-split", "ours-no-checkpointing", "ours-adamw32"]
+WITH_SAMPLING = ("ours", "official")           # rows whose sampling is measured and timed too
+# Most needed first, so that a run stopped by --budget-s or a timeout has them (≈ 200 s on an H200).
+DEVICE_PLAN = [("sdxl:1024", "ours"), ("sd1:512", "ours"), ("sdxl:1024", "official"), ("sd1:512", "official"),
+               *[(key, name) for key in ("sdxl:1024", "sd1:512")
+                 for name in ("ours-split", "ours-no-checkpointing", "ours-adamw32")],
+               ("sd2:768", "ours"), ("sd2:768", "official")]
+
+
+class DeviceClock:
+    """Wall-clock seconds and the allocator's peak of a block on ``device``: synchronised, with
+    ``torch.cuda.max_memory_allocated`` reset at its start on CUDA; seconds only elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def part(self, out: dict, key: str):
+        """Writes ``out[key + "_seconds"]`` and ``out[key + "_device_peak_bytes"]`` (None off CUDA)."""
+        self.sync()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        started = time.perf_counter()
+        yield
+        self.sync()
+        out[f"{key}_seconds"] = time.perf_counter() - started
+        out[f"{key}_device_peak_bytes"] = torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+
+
+def measure_on_device(family: str, size: int, name: str, device: str, sampling: bool = False,
+                      fractions: tuple[float, ...] = (1.0,), dtype: str = "auto", steps: int = STEPS) -> dict:
+    """One configuration with real random weights on ``device``, as the session runs there (dtype,
+    optimizer and attention "auto"; ``dtype`` for a test). In order: a sampling of SAMPLED_STEPS steps and a click of KEPT
+    kept steps under FlopCounterMode (FLOPs, and the warm-up); the same two under ``LiveBytes``
+    (peak of live bytes, and the CUDA allocator's peak of the same run; the click is the second,
+    with the first's optimizer states alive); then, with no mode active, timed: a pair sampled
+    with STEPS steps + decode and one click per train fraction in ``fractions``."""
+    from ..core.memory import LiveBytes
+    from .synthetic import synthetic_trajectory
+    dev, v, started = torch.device(device), VARIANTS[name], time.perf_counter()
+    clock, live = DeviceClock(dev), LiveBytes(dev.type)
+    row = {"variant": name, "family": family, "size": size, "note": v.note, "fake": False, "device": str(dev),
+           "kept_steps": KEPT}
+    with tempfile.TemporaryDirectory(prefix="d3po-gpu-memory-") as folder:
+        pipe = build_pipeline(family, device=dev)
+        setup = _official_setup if v.official else _session_setup
+        with setup(pipe, nullcontext(), live, folder, v, size, KEPT, dtype, dev) as run:
+            row.update(runtime_notes=run.notes, dtype=str(pipe.unet.dtype).removeprefix("torch."),
+                       setup_seconds=time.perf_counter() - started)
+            _track_weights(live, pipe, run)
+            lora = [p.detach().clone() for p in run.params]
+            if sampling:
+                row["sampling"] = _device_sampling(run, live, clock, steps)
+            traj = synthetic_trajectory(pipe, size, steps=steps, n=2)
+            row.update(_device_clicks(run, traj, live, clock, fractions))
+            row["lora_changed"] = any(not torch.equal(a, b) for a, b in zip(lora, run.params))
+    row["wall_seconds"] = time.perf_counter() - started
+    return row
+
+
+def _device_sampling(run, live, clock: DeviceClock, steps: int) -> dict:
+    fixed, per_step = _linear_flops(lambda progress: run("sample", steps=SAMPLED_STEPS, progress=progress),
+                                    SAMPLED_STEPS)
+    out = {"flops": fixed + steps * per_step, "flops_fixed": fixed, "flops_per_step": per_step}
+    live.reset_peak()
+    with live, live.tagged("sampling activations"), clock.part(out, "measured"):
+        run("sample", steps=SAMPLED_STEPS)
+    out.update(peak_bytes=live.peak, at_peak=_breakdown(live.at_peak),
+               device_peak_bytes=out.pop("measured_device_peak_bytes"))
+    with clock.part(out, "timed"):
+        run("sample", steps=steps)
+    return out
+
+
+def _device_clicks(run, traj, live, clock: DeviceClock, fractions) -> dict:
+    live.track([traj.latents, *traj.cond.values()], "trajectory")     # host tensors on a GPU: not counted
+    fixed, per_step = _linear_flops(lambda progress: run("update", traj, progress), STEPS)
+    out = {"flops_fixed": fixed, "flops_per_kept_step": per_step}
+    live.reset_peak()
+    with live, live.tagged("update"), clock.part(out, "measured"):
+        run("update", traj)
+    out.update(peak_bytes=live.peak, at_peak=_breakdown(live.at_peak),
+               device_peak_bytes=out.pop("measured_device_peak_bytes"), timed=[])
+    for fraction in fractions:
+        timed, seen = {"train_fraction": fraction}, []
+        with clock.part(timed, "update"):
+            run("update", traj, lambda i, n: seen.append(n), fraction=fraction)
+        out["timed"].append({**timed, "kept_steps": seen[-1] if seen else 0})
+    return out
+
+
+def device_fractions(family: str, name: str) -> tuple[float, ...]:
+    """All kept steps, and for "ours" the family's default train_fraction when it has one."""
+    from ..core.opening import FAMILY_DEFAULTS
+    fraction = FAMILY_DEFAULTS.get(family, {}).get("train_fraction")
+    return (1.0, fraction) if name == "ours" and fraction else (1.0,)
+
+
+def run_on_device(plan: list[tuple[str, str]], device: str, budget_s: float | None = None, log=print,
+                  on_result=None, started: float | None = None, steps: int = STEPS) -> list[dict]:
+    """Each (family:size, variant) with real tensors on ``device``, in order; a row that fails (out
+    of memory or anything else) records its error and the next one runs. No row starts once
+    ``budget_s`` seconds have passed since ``started``; ``on_result(results so far)`` after each."""
+    import gc
+    started = time.perf_counter() if started is None else started
+    results = []
+    for key, name in plan:
+        if budget_s is not None and time.perf_counter() - started > budget_s:
+            log(f"--budget-s {budget_s:g} spent: {key} {name} and the rows after it not started")
+            break
+        family, size = key.split(":")
+        try:
+            row = measure_on_device(family, int(size), name, device, sampling=name in WITH_SAMPLING,
+                                    fractions=device_fractions(family, name), steps=steps)
+        except Exception as e:  # noqa: BLE001 - recorded in the row (OOM included); the plan goes on
+            row = {"variant": name, "family": family, "size": int(size), "fake": False, "device": device,
+                   "error": f"{type(e).__name__}: {e}"[:800]}
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        log(f"{key} {name}: {_summary(row)} [{time.perf_counter() - started:.0f} s so far]")
+        results.append(row)
+        if on_result:
+            on_result(results)
+    return results
+
+
+def _summary(row: dict) -> str:
+    if "error" in row:
+        return row["error"]
+    times = ", ".join("%.2f s (%d kept steps)" % (t["update_seconds"], t["kept_steps"]) for t in row["timed"])
+    return (f"update peak {report.gb(row['peak_bytes'])} live, {_gb_or_dash(row['device_peak_bytes'])} CUDA; "
+            f"update {times}" + (f"; sampling {row['sampling']['timed_seconds']:.2f} s" if "sampling" in row else ""))
+
+
+def _gb_or_dash(n_bytes) -> str:
+    return "—" if n_bytes is None else report.gb(n_bytes)
+
+
+def device_markdown(results: list[dict], command: str, environment: dict) -> str:
+    """Memory and seconds measured on the device, beside the fake-tensor figures of RESULTS."""
+    fake = {}
+    if RESULTS.exists():
+        fake = {(r["family"], r["size"], r["variant"]): r for r in json.loads(RESULTS.read_text())["results"]}
+    out = [f"## GPU memory and time of a click, measured on {environment['gpu']}\n",
+           f"{environment['gpu']}, torch {environment['torch']}, {environment['packages']}. "
+           f"Date: {environment['date']}. Command: `{command}`.\n", DEVICE_INTRO]
+    notes = next((r["runtime_notes"] for r in results if r.get("variant") == "ours" and "runtime_notes" in r), [])
+    if notes:
+        out.append("The session's automatic choices there: " + "; ".join(notes) + ".\n")
+    out += _device_memory_table(results, fake) + _device_time_table(results)
+    errors = [f"- {LABELS.get(r['family'], r['family'])} at {r['size']} px, {r['variant']}: `{r['error']}`"
+              for r in results if "error" in r]
+    return "\n".join(out + (["Rows that failed:\n", *errors, ""] if errors else []))
+
+
+DEVICE_INTRO = (
+    "Real tensors with random weights (built on the GPU from the shipped configs, cast as `Session.open` "
+    "casts them), the same code and plan as the fake-tensor section: a pair with CFG 5 at the native size; "
+    "the update's peak is that of a second click (the first click's optimizer states alive), with "
+    f"{KEPT} kept steps (one step's graph at a time, so 20 kept steps peak the same: the timed click's "
+    "peak shows it). CUDA peak = `torch.cuda.max_memory_allocated` over the part, reset at its start; "
+    "live bytes = `core.memory.LiveBytes` in the same run; fake = the fake-tensor figure below. "
+    "Seconds: wall clock between `torch.cuda.synchronize` calls, after a warm-up, without any "
+    "dispatch mode active.\n")
+
+
+def _device_memory_table(results: list[dict], fake: dict) -> list[str]:
+    head = ["model", "config", "what", "CUDA peak", "live bytes (real)", "live bytes (fake)", "fake ÷ CUDA",
+            "CUDA ÷ official", "optimizer states at peak"]
+    rows = []
+    for r in (r for r in results if "error" not in r):
+        official = next((o for o in results if "error" not in o and o["variant"] == "official"
+                         and (o["family"], o["size"]) == (r["family"], r["size"])), None)
+        f = fake.get((r["family"], r["size"], r["variant"]), {})
+        for what, part, of, fk in (("update", r, official, f), ("sampling a pair", r.get("sampling"),
+                                   (official or {}).get("sampling"), f.get("sampling", {}))):
+            if not part:
+                continue
+            cuda = part["device_peak_bytes"]
+            rows.append([f"{LABELS.get(r['family'], r['family'])} at {r['size']} px", r["variant"], what,
+                         f"**{_gb_or_dash(cuda)}**", report.gb(part["peak_bytes"]), _gb_or_dash(fk.get("peak_bytes")),
+                         f"{fk['peak_bytes'] / cuda:.2f}" if cuda and fk.get("peak_bytes") else "—",
+                         f"{cuda / of['device_peak_bytes']:.2f}×" if cuda and of and of.get("device_peak_bytes") else "—",
+                         report.gb(part["at_peak"]["optimizer states"]) if what == "update" else ""])
+    return ["### Peak memory\n", report.table(head, rows), ""] if rows else []
+
+
+def _device_time_table(results: list[dict]) -> list[str]:
+    head = ["model", "config", "sampling a pair, 20 steps + decode", "update, kept steps", "seconds",
+            "TFLOP", "TFLOP/s achieved", "÷ official", f"{CARD['name']} estimate"]
+    rows = []
+    for r in (r for r in results if "error" not in r):
+        official = next((o for o in results if "error" not in o and o["variant"] == "official"
+                         and (o["family"], o["size"]) == (r["family"], r["size"])), None)
+        smp = r.get("sampling")
+        for i, t in enumerate(r["timed"]):
+            flops = update_flops(r, t["kept_steps"])
+            base = next((o for o in (official or {}).get("timed", []) if o["kept_steps"] == t["kept_steps"]), None)
+            rows.append([f"{LABELS.get(r['family'], r['family'])} at {r['size']} px", r["variant"],
+                         f"{smp['timed_seconds']:.2f} s" if smp and i == 0 else "",
+                         f"{t['kept_steps']} (train_fraction {t['train_fraction']:g})", f"**{t['update_seconds']:.2f} s**",
+                         f"{flops / 1e12:.0f}", f"{flops / t['update_seconds'] / 1e12:.0f}",
+                         f"{t['update_seconds'] / base['update_seconds']:.2f}×" if base else "—",
+                         f"{gpu_seconds(flops):.1f} s"])
+    return ["### Seconds\n", "TFLOP counted by `FlopCounterMode` in the warm-up runs (matmuls, convolutions, "
+            "attention); the estimate is what the fake-tensor section's method gives for "
+            f"{CARD['name']} ({CARD['utilisation']:.0%} of its fp16 dense peak).\n",
+            report.table(head, rows), ""] if rows else []
+
+
+def device_environment(device: str) -> dict:
+    import importlib.metadata as md
+    dev = torch.device(device)
+    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} (no GPU)"
+    packages = []
+    for name in ("diffusers", "transformers", "bitsandbytes", "peft"):
+        try:
+            packages.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            packages.append(f"no {name}")
+    return {"gpu": gpu, "torch": torch.__version__, "packages": ", ".join(packages),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_device(results: list[dict], command: str, environment: dict, doc, results_path) -> None:
+    """The device run's JSON, and the "gpu_memory" section of ``doc``: the device's tables, then
+    the fake-tensor ones of RESULTS."""
+    Path(results_path).parent.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command, "environment": environment, "card": CARD, "results": results}
+    Path(results_path).write_text(json.dumps(payload, indent=1))
+    text = device_markdown(results, command, environment)
+    if RESULTS.exists():
+        fake = json.loads(RESULTS.read_text())
+        text += "\n" + markdown(fake["results"], fake["command"])
+    report.write_section("gpu_memory", text, doc)
 
 
 # ------------------------------------------------------------------ the report
@@ -501,29 +774,58 @@ def write_all(results: list[dict], command: str, doc, results_path) -> None:
 
 def parse_plan(items: list[str], variants: list[str] | None) -> dict[str, list[str]]:
     from .memory import parse_plan as parse
+    families = [*NATIVE, "tiny-sd1", "tiny-sdxl"]
     for item in items:
         family, _, size = item.partition(":")
-        if family not in NATIVE or not size.isdigit():
-            raise SystemExit(f"--plan {item!r}: write family:size with family in {list(NATIVE)}, e.g. sd1:512")
+        if family not in families or not size.isdigit():
+            raise SystemExit(f"--plan {item!r}: write family:size with family in {families}, e.g. sd1:512")
     return parse(items, variants, PLAN, VARIANTS)
+
+
+def parse_device_plan(items: list[str] | None, variants: list[str] | None) -> list[tuple[str, str]]:
+    """DEVICE_PLAN, or each ``--plan`` item with ``variants`` (default DEVICE_VARIANTS)."""
+    if not items:
+        return [(key, name) for key, name in DEVICE_PLAN if not variants or name in variants]
+    plan = parse_plan(items, variants or DEVICE_VARIANTS)
+    return [(key, name) for key, names in plan.items() for name in names]
 
 
 def main(argv=None) -> None:
     import sys
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--plan", nargs="+", default=list(PLAN), help="family:size items, e.g. sd1:512 sdxl:1024")
+    p.add_argument("--plan", nargs="+", help="family:size items, e.g. sd1:512 sdxl:1024 (default: all of the "
+                                              "mode's plan)")
     p.add_argument("--variants", nargs="+", help=f"subset of {list(VARIANTS)} (default: the plan's)")
     p.add_argument("--doc", default=str(report.DEFAULT_PATH), help="markdown file to write the section into")
     p.add_argument("--results", default=str(RESULTS), help="JSON file for the raw results")
     p.add_argument("--rewrite", action="store_true", help="only rewrite the section from --results (no run)")
+    p.add_argument("--device", help="real tensors on this device (cuda, cpu) instead of fake ones; then "
+                                    "--results defaults to " + DEVICE_RESULTS.name)
+    p.add_argument("--budget-s", type=float, help="with --device: start no row after this many seconds")
+    p.add_argument("--steps", type=int, default=STEPS, help="with --device: DDIM steps of the sampled pair and "
+                                                            "of the trained trajectory (fewer: a smoke test)")
     a = p.parse_args(argv)
     command = "python -m d3po_studio.bench.gpu_memory " + " ".join(argv if argv is not None else sys.argv[1:])
+    if a.device:
+        return _main_on_device(a, command.strip())
     if a.rewrite:
         payload = json.loads(Path(a.results).read_text())
         write_all(payload["results"], payload["command"], a.doc, a.results)
         return
-    run_plan(parse_plan(a.plan, a.variants),
+    run_plan(parse_plan(a.plan or list(PLAN), a.variants),
              on_result=lambda results: write_all(results, command.strip(), a.doc, a.results))
+
+
+def _main_on_device(a, command: str) -> None:
+    import logging
+    started = time.perf_counter()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the auto choices
+    results_path = DEVICE_RESULTS if a.results == str(RESULTS) else Path(a.results)
+    environment = device_environment(a.device)
+    print(f"{environment['gpu']}, torch {environment['torch']}, {environment['packages']}", flush=True)
+    run_on_device(parse_device_plan(a.plan, a.variants), a.device, a.budget_s, started=started, steps=a.steps,
+                  log=lambda line: print(line, flush=True),
+                  on_result=lambda results: write_device(results, command, environment, a.doc, results_path))
 
 
 if __name__ == "__main__":

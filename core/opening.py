@@ -18,6 +18,11 @@ from .pool import POOL, SharedPipeline
 from .runtime import Runtime, apply_attention, resolve_runtime
 from .storage import SessionFolder
 
+# Settings a new session on a model family gets unless they are given: an SDXL click's update
+# trains 3 of the 20 kept steps, estimated ≈ 8 s on an RTX 4090 from the counted FLOPs (all 20:
+# ≈ 39 s; docs/benchmarks.md, section gpu_memory).
+FAMILY_DEFAULTS: dict[str, dict] = {"sdxl": {"train_fraction": 0.15}}
+
 
 @dataclass
 class Opened:

@@ -126,3 +126,49 @@ def test_a_session_that_would_not_fit_says_so_at_open(tmp_path, tiny_sd1, monkey
     monkeypatch.setattr(memory, "device_free_bytes", lambda device: None)        # a CPU
     with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1) as s:
         assert s.memory_warning() is None and s.info()["notes"] == []
+
+
+def test_device_mode_measures_real_tensors_and_writes_after_each_row(tmp_path, capsys):
+    """--device runs the rows with real tensors (here the CPU, a tiny pipeline): peaks, seconds,
+    FLOPs, the optimizer stepped (LoRA changed, its states alive at the peak), the auto choices
+    logged; results and doc written; "ours" is timed at all kept steps."""
+    from d3po_studio.bench import report
+    from d3po_studio.bench.gpu_memory import main
+    results, doc = tmp_path / "r.json", tmp_path / "r.md"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)            # a tiny model: 2 threads on a loaded 2-core machine took 4× longer
+    try:
+        main(["--device", "cpu", "--plan", "tiny-sd1:16", "--variants", "ours", "--budget-s", "600", "--steps", "4",
+              "--results", str(results), "--doc", str(doc)])
+    finally:
+        torch.set_num_threads(threads)
+    payload = json.loads(results.read_text())
+    (row,) = payload["results"]
+    assert row["lora_changed"] and row["at_peak"]["optimizer states"] > 0 and row["at_peak"]["activations"] > 0
+    assert row["device_peak_bytes"] is None and row["peak_bytes"] > row["at_peak"]["UNet"] > 0   # no CUDA here
+    assert [t["kept_steps"] for t in row["timed"]] == [4] and row["timed"][0]["update_seconds"] > 0
+    assert row["sampling"]["timed_seconds"] > 0 and row["flops_per_kept_step"] > 0
+    assert any(n.startswith("optimizer: ") for n in row["runtime_notes"])
+    section = report.read_section("gpu_memory", doc)
+    assert "measured on cpu (no GPU)" in section and "| tiny-sd1 at 16 px | ours | update |" in section
+    assert "measured with fake tensors" in section                  # the fake-tensor tables follow
+
+
+def test_device_plan_records_a_failed_row_goes_on_and_stops_at_the_budget(monkeypatch):
+    from d3po_studio.bench import gpu_memory
+    calls, saved = [], []
+
+    def fake_measure(family, size, name, device, **kw):
+        calls.append((family, name, kw["fractions"]))
+        if name == "official":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"variant": name, "family": family, "size": size, "peak_bytes": 1e9, "device_peak_bytes": None,
+                "timed": [{"update_seconds": 1.0, "kept_steps": 20}]}
+    monkeypatch.setattr(gpu_memory, "measure_on_device", fake_measure)
+    plan = [("sdxl:1024", "ours"), ("sdxl:1024", "official"), ("sd1:512", "ours")]
+    rows = gpu_memory.run_on_device(plan, "cpu", log=lambda line: None, on_result=lambda r: saved.append(len(r)))
+    assert saved == [1, 2, 3] and "OutOfMemoryError" in rows[1]["error"] and "peak_bytes" in rows[2]
+    assert calls[0][2] == (1.0, 0.15) and calls[1][2] == calls[2][2] == (1.0,)   # SDXL's default fraction, ours only
+    assert gpu_memory.run_on_device(plan, "cpu", budget_s=-1, log=lambda line: None) == []
+    assert gpu_memory.parse_device_plan(None, None) == gpu_memory.DEVICE_PLAN
+    assert gpu_memory.DEVICE_PLAN[:2] == [("sdxl:1024", "ours"), ("sd1:512", "ours")]
