@@ -430,7 +430,7 @@ def measure_on_device(family: str, size: int, name: str, device: str, sampling: 
             if sampling:
                 row["sampling"] = _device_sampling(run, live, clock, steps)
             traj = synthetic_trajectory(pipe, size, steps=steps, n=2)
-            row.update(_device_clicks(run, traj, live, clock, fractions))
+            row.update(_device_clicks(run, traj, live, clock, fractions, lora))
             row["lora_changed"] = any(not torch.equal(a, b) for a, b in zip(lora, run.params))
     row["wall_seconds"] = time.perf_counter() - started
     return row
@@ -450,21 +450,36 @@ def _device_sampling(run, live, clock: DeviceClock, steps: int) -> dict:
     return out
 
 
-def _device_clicks(run, traj, live, clock: DeviceClock, fractions) -> dict:
+def _device_clicks(run, traj, live, clock: DeviceClock, fractions, initial: list) -> dict:
     live.track([traj.latents, *traj.cond.values()], "trajectory")     # host tensors on a GPU: not counted
-    fixed, per_step = _linear_flops(lambda progress: run("update", traj, progress), STEPS)
+    failed: list[str] = []
+    fixed, per_step = _linear_flops(lambda progress: _click(run, traj, failed, initial, progress=progress), STEPS)
     out = {"flops_fixed": fixed, "flops_per_kept_step": per_step}
     live.reset_peak()
     with live, live.tagged("update"), clock.part(out, "measured"):
-        run("update", traj)
+        _click(run, traj, failed, initial)
     out.update(peak_bytes=live.peak, at_peak=_breakdown(live.at_peak),
                device_peak_bytes=out.pop("measured_device_peak_bytes"), timed=[])
     for fraction in fractions:
         timed, seen = {"train_fraction": fraction}, []
         with clock.part(timed, "update"):
-            run("update", traj, lambda i, n: seen.append(n), fraction=fraction)
+            _click(run, traj, failed, initial, progress=lambda i, n: seen.append(n), fraction=fraction)
         out["timed"].append({**timed, "kept_steps": seen[-1] if seen else 0})
-    return out
+    return {**out, "failed_clicks": failed}
+
+
+def _click(run, traj, failed: list, initial: list, **kw) -> None:
+    """One update. A non-finite loss or step (possible with fp16 weights) is recorded, the LoRA
+    set back to ``initial`` if the step made it non-finite, and the measurement goes on: the
+    forwards and backwards ran either way; only that click's optimizer step is missing."""
+    try:
+        run("update", traj, **kw)
+    except FloatingPointError as e:
+        failed.append(str(e))
+        with torch.no_grad():
+            for p, p0 in zip(run.params, initial):
+                if not torch.isfinite(p).all():
+                    p.copy_(p0)
 
 
 def device_fractions(family: str, name: str) -> tuple[float, ...]:
@@ -508,7 +523,9 @@ def _summary(row: dict) -> str:
         return row["error"]
     times = ", ".join("%.2f s (%d kept steps)" % (t["update_seconds"], t["kept_steps"]) for t in row["timed"])
     return (f"update peak {report.gb(row['peak_bytes'])} live, {_gb_or_dash(row['device_peak_bytes'])} CUDA; "
-            f"update {times}" + (f"; sampling {row['sampling']['timed_seconds']:.2f} s" if "sampling" in row else ""))
+            f"update {times}" + (f"; sampling {row['sampling']['timed_seconds']:.2f} s" if "sampling" in row else "")
+            + (f"; {len(row['failed_clicks'])} click(s) not finite: {row['failed_clicks'][0]}"
+               if row.get("failed_clicks") else ""))
 
 
 def _gb_or_dash(n_bytes) -> str:
@@ -527,9 +544,12 @@ def device_markdown(results: list[dict], command: str, environment: dict) -> str
     if notes:
         out.append("The session's automatic choices there: " + "; ".join(notes) + ".\n")
     out += _device_memory_table(results, fake) + _device_time_table(results)
-    errors = [f"- {LABELS.get(r['family'], r['family'])} at {r['size']} px, {r['variant']}: `{r['error']}`"
-              for r in results if "error" in r]
-    return "\n".join(out + (["Rows that failed:\n", *errors, ""] if errors else []))
+    errors = [f"- {LABELS.get(r['family'], r['family'])} at {r['size']} px, {r['variant']}: "
+              + (f"`{r['error']}`" if "error" in r else
+                 f"{len(r['failed_clicks'])} click(s) not stepped (`{r['failed_clicks'][0]}`)")
+              for r in results if "error" in r or r.get("failed_clicks")]
+    return "\n".join(out + (["Rows that failed, or clicks whose loss or step was not finite:\n", *errors, ""]
+                            if errors else []))
 
 
 DEVICE_INTRO = (

@@ -145,6 +145,7 @@ def test_device_mode_measures_real_tensors_and_writes_after_each_row(tmp_path, c
     payload = json.loads(results.read_text())
     (row,) = payload["results"]
     assert row["lora_changed"] and row["at_peak"]["optimizer states"] > 0 and row["at_peak"]["activations"] > 0
+    assert row["failed_clicks"] == []
     assert row["device_peak_bytes"] is None and row["peak_bytes"] > row["at_peak"]["UNet"] > 0   # no CUDA here
     assert [t["kept_steps"] for t in row["timed"]] == [4] and row["timed"][0]["update_seconds"] > 0
     assert row["sampling"]["timed_seconds"] > 0 and row["flops_per_kept_step"] > 0
@@ -172,3 +173,16 @@ def test_device_plan_records_a_failed_row_goes_on_and_stops_at_the_budget(monkey
     assert gpu_memory.run_on_device(plan, "cpu", budget_s=-1, log=lambda line: None) == []
     assert gpu_memory.parse_device_plan(None, None) == gpu_memory.DEVICE_PLAN
     assert gpu_memory.DEVICE_PLAN[:2] == [("sdxl:1024", "ours"), ("sd1:512", "ours")]
+
+
+def test_a_non_finite_click_is_recorded_and_the_lora_set_back():
+    from d3po_studio.bench.gpu_memory import _click
+    p = torch.nn.Parameter(torch.ones(3))
+
+    def run(kind, traj, **kw):
+        with torch.no_grad():
+            p.fill_(float("nan"))
+        raise FloatingPointError("the optimizer step made the LoRA non-finite")
+    run.params, failed = [p], []
+    _click(run, None, failed, [torch.zeros(3)])
+    assert failed == ["the optimizer step made the LoRA non-finite"] and torch.equal(p.detach(), torch.zeros(3))
