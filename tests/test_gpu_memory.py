@@ -171,6 +171,12 @@ def test_device_plan_records_a_failed_row_goes_on_and_stops_at_the_budget(monkey
     assert saved == [1, 2, 3] and "OutOfMemoryError" in rows[1]["error"] and "peak_bytes" in rows[2]
     assert calls[0][2] == (1.0, 0.15) and calls[1][2] == calls[2][2] == (1.0,)   # SDXL's default fraction, ours only
     assert gpu_memory.run_on_device(plan, "cpu", budget_s=-1, log=lambda line: None) == []
+    clock = iter([0, 0, 5, 5, 5, 5, 5, 5])          # each row "takes" 5 s by its wall_seconds below
+    monkeypatch.setattr(gpu_memory.time, "perf_counter", lambda: next(clock, 5))
+    monkeypatch.setattr(gpu_memory, "measure_on_device", lambda family, size, name, device, **kw: {
+        "variant": name, "family": family, "size": size, "error": "x", "wall_seconds": 5.0})
+    rows = gpu_memory.run_on_device(plan, "cpu", budget_s=8, log=lambda line: None)
+    assert [(r["family"], r["variant"]) for r in rows] == [("sdxl", "ours"), ("sd1", "ours")]   # SDXL's next: 5 + 5 > 8
     assert gpu_memory.parse_device_plan(None, None) == gpu_memory.DEVICE_PLAN
     assert gpu_memory.DEVICE_PLAN[:2] == [("sdxl:1024", "ours"), ("sd1:512", "ours")]
 
