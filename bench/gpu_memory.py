@@ -408,11 +408,12 @@ class DeviceClock:
 def measure_on_device(family: str, size: int, name: str, device: str, sampling: bool = False,
                       fractions: tuple[float, ...] = (1.0,), dtype: str = "auto", steps: int = STEPS) -> dict:
     """One configuration with real random weights on ``device``, as the session runs there (dtype,
-    optimizer and attention "auto"; ``dtype`` for a test). In order: a sampling of SAMPLED_STEPS steps and a click of KEPT
-    kept steps under FlopCounterMode (FLOPs, and the warm-up); the same two under ``LiveBytes``
-    (peak of live bytes, and the CUDA allocator's peak of the same run; the click is the second,
-    with the first's optimizer states alive); then, with no mode active, timed: a pair sampled
-    with STEPS steps + decode and one click per train fraction in ``fractions``."""
+    optimizer and attention "auto"; another ``dtype`` for a test). In order: a sampling of
+    SAMPLED_STEPS steps and a click of KEPT kept steps under FlopCounterMode (FLOPs, and the
+    warm-up); the same two under ``LiveBytes`` (peak of live bytes, and the CUDA allocator's peak
+    of the same run; the click is the second, with the first's optimizer states alive); then,
+    with no mode active, timed: a pair sampled with ``steps`` steps + decode, and one click of a
+    ``steps``-step trajectory per train fraction in ``fractions``."""
     from ..core.memory import LiveBytes
     from .synthetic import synthetic_trajectory
     dev, v, started = torch.device(device), VARIANTS[name], time.perf_counter()
@@ -549,7 +550,7 @@ def device_markdown(results: list[dict], command: str, environment: dict) -> str
     if notes:
         out.append("The session's automatic choices there: " + "; ".join(notes) + ".\n")
     out += _device_memory_table(results, fake) + _device_time_table(results)
-    errors = [f"- {LABELS.get(r['family'], r['family'])} at {r['size']} px, {r['variant']}: "
+    errors = [f"- {_model(r)}, {r['variant']}: "
               + (f"`{r['error']}`" if "error" in r else
                  f"{len(r['failed_clicks'])} click(s) not stepped (`{r['failed_clicks'][0]}`)")
               for r in results if "error" in r or r.get("failed_clicks")]
@@ -574,21 +575,34 @@ def _device_memory_table(results: list[dict], fake: dict) -> list[str]:
             "CUDA ÷ official", "optimizer states at peak"]
     rows = []
     for r in (r for r in results if "error" not in r):
-        official = next((o for o in results if "error" not in o and o["variant"] == "official"
-                         and (o["family"], o["size"]) == (r["family"], r["size"])), None)
-        f = fake.get((r["family"], r["size"], r["variant"]), {})
-        f_sampling = fake.get((r["family"], r["size"], "ours-vae-slicing"), {}) if r["variant"] == "ours" else f
-        for what, part, of, fk in (("update", r, official, f), ("sampling a pair", r.get("sampling"),
-                                   (official or {}).get("sampling"), f_sampling.get("sampling", {}))):
-            if not part:
-                continue
-            cuda = part["device_peak_bytes"]
-            rows.append([f"{LABELS.get(r['family'], r['family'])} at {r['size']} px", r["variant"], what,
-                         f"**{_gb_or_dash(cuda)}**", report.gb(part["peak_bytes"]), _gb_or_dash(fk.get("peak_bytes")),
-                         f"{fk['peak_bytes'] / cuda:.2f}" if cuda and fk.get("peak_bytes") else "—",
-                         f"{cuda / of['device_peak_bytes']:.2f}×" if cuda and of and of.get("device_peak_bytes") else "—",
-                         report.gb(part["at_peak"]["optimizer states"]) if what == "update" else ""])
+        official = _official_of(r, results) or {}
+        fake_update = fake.get((r["family"], r["size"], r["variant"]), {})
+        fake_sampling = fake.get((r["family"], r["size"], "ours-vae-slicing" if r["variant"] == "ours"
+                                  else r["variant"]), {}).get("sampling", {})
+        parts = [("update", r, official, fake_update),
+                 ("sampling a pair", r.get("sampling"), official.get("sampling"), fake_sampling)]
+        for what, part, of, fk in parts:
+            if part:
+                rows.append([_model(r), r["variant"], what, *_peaks(part, of, fk),
+                             report.gb(part["at_peak"]["optimizer states"]) if what == "update" else ""])
     return ["### Peak memory\n", report.table(head, rows), ""] if rows else []
+
+
+def _model(r: dict) -> str:
+    return f"{LABELS.get(r['family'], r['family'])} at {r['size']} px"
+
+
+def _official_of(r: dict, results: list[dict]) -> dict | None:
+    return next((o for o in results if "error" not in o and o["variant"] == "official"
+                 and (o["family"], o["size"]) == (r["family"], r["size"])), None)
+
+
+def _peaks(part: dict, official: dict | None, fake: dict) -> list[str]:
+    """CUDA peak, live bytes, fake live bytes, fake ÷ CUDA, CUDA ÷ official's CUDA."""
+    cuda, fake_peak = part["device_peak_bytes"], fake.get("peak_bytes")
+    of = (official or {}).get("device_peak_bytes")
+    return [f"**{_gb_or_dash(cuda)}**", report.gb(part["peak_bytes"]), _gb_or_dash(fake_peak),
+            f"{fake_peak / cuda:.2f}" if cuda and fake_peak else "—", f"{cuda / of:.2f}×" if cuda and of else "—"]
 
 
 def _device_time_table(results: list[dict]) -> list[str]:
@@ -596,18 +610,14 @@ def _device_time_table(results: list[dict]) -> list[str]:
             "TFLOP", "TFLOP/s achieved", "÷ official", f"{CARD['name']} estimate"]
     rows = []
     for r in (r for r in results if "error" not in r):
-        official = next((o for o in results if "error" not in o and o["variant"] == "official"
-                         and (o["family"], o["size"]) == (r["family"], r["size"])), None)
-        smp = r.get("sampling")
+        official_timed = (_official_of(r, results) or {}).get("timed", [])
         for i, t in enumerate(r["timed"]):
-            flops = update_flops(r, t["kept_steps"])
-            base = next((o for o in (official or {}).get("timed", []) if o["kept_steps"] == t["kept_steps"]), None)
-            rows.append([f"{LABELS.get(r['family'], r['family'])} at {r['size']} px", r["variant"],
-                         f"{smp['timed_seconds']:.2f} s" if smp and i == 0 else "",
-                         f"{t['kept_steps']} (train_fraction {t['train_fraction']:g})", f"**{t['update_seconds']:.2f} s**",
-                         f"{flops / 1e12:.0f}", f"{flops / t['update_seconds'] / 1e12:.0f}",
-                         f"{t['update_seconds'] / base['update_seconds']:.2f}×" if base else "—",
-                         f"{gpu_seconds(flops):.1f} s"])
+            flops, seconds = update_flops(r, t["kept_steps"]), t["update_seconds"]
+            base = next((o["update_seconds"] for o in official_timed if o["kept_steps"] == t["kept_steps"]), None)
+            sampling = f"{r['sampling']['timed_seconds']:.2f} s" if "sampling" in r and i == 0 else ""
+            rows.append([_model(r), r["variant"], sampling, f"{t['kept_steps']} (train_fraction {t['train_fraction']:g})",
+                         f"**{seconds:.2f} s**", f"{flops / 1e12:.0f}", f"{flops / seconds / 1e12:.0f}",
+                         f"{seconds / base:.2f}×" if base else "—", f"{gpu_seconds(flops):.1f} s"])
     return ["### Seconds\n", "TFLOP counted by `FlopCounterMode` in the warm-up runs (matmuls, convolutions, "
             "attention); the estimate is what the fake-tensor section's method gives for "
             f"{CARD['name']} ({CARD['utilisation']:.0%} of its fp16 dense peak).\n",

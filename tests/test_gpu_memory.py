@@ -192,3 +192,31 @@ def test_a_non_finite_click_is_recorded_and_the_lora_set_back():
     run.params, failed = [p], []
     _click(run, None, failed, [torch.zeros(3)])
     assert failed == ["the optimizer step made the LoRA non-finite"] and torch.equal(p.detach(), torch.zeros(3))
+
+
+def test_device_section_puts_cuda_peaks_beside_the_fake_ones(tmp_path):
+    """The tables as they come from a GPU (CUDA peaks present), with the fake figures of RESULTS."""
+    from d3po_studio.bench import report
+    from d3po_studio.bench.gpu_memory import TAGS, write_device
+    at_peak = {tag: 1e8 for tag in TAGS}
+
+    def row(variant, cuda, timed, sampling=True):
+        r = {"variant": variant, "family": "sdxl", "size": 1024, "peak_bytes": cuda * 0.99, "device_peak_bytes": cuda,
+             "at_peak": at_peak, "flops_fixed": 1e14, "flops_per_kept_step": 1e14, "failed_clicks": [],
+             "timed": [{"train_fraction": f, "kept_steps": k, "update_seconds": s} for f, k, s in timed]}
+        if sampling:
+            r["sampling"] = {"peak_bytes": 9e9, "device_peak_bytes": 1e10, "at_peak": at_peak, "timed_seconds": 2.0}
+        return r
+    rows = [row("ours", 8e9, [(1.0, 20, 5.0), (0.15, 3, 1.0)]), row("official", 6.4e10, [(1.0, 20, 10.0)]),
+            row("ours-split", 7e9, [(1.0, 20, 7.0)], sampling=False),
+            {"variant": "ours-adamw32", "family": "sd1", "size": 512, "error": "OutOfMemoryError: boom"}]
+    rows[2]["failed_clicks"] = ["non-finite loss (nan)"]
+    env = {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "packages": "diffusers 0.42.1", "date": "2026-11-26"}
+    write_device(rows, "cmd", env, tmp_path / "d.md", tmp_path / "d.json")
+    section = report.read_section("gpu_memory", tmp_path / "d.md")
+    assert "measured on NVIDIA H200" in section and "torch 2.11.0+cu130" in section
+    assert "| SDXL at 1024 px | ours | update | **8.00 GB** | 7.92 GB | 7.86 GB | 0.98 | 0.12× |" in section
+    assert "| SDXL at 1024 px | ours | sampling a pair | **10.00 GB** | 9.00 GB | 10.39 GB | 1.04 | 1.00× |" in section
+    assert "| 3 (train_fraction 0.15) | **1.00 s** |" in section and "| **5.00 s** | 2100 | 420 | 0.50× |" in section
+    assert "OutOfMemoryError: boom" in section and "1 click(s) not stepped" in section
+    assert json.loads((tmp_path / "d.json").read_text())["environment"] == env
