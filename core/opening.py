@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,10 +18,12 @@ from .pool import POOL, SharedPipeline
 from .runtime import Runtime, apply_attention, resolve_runtime
 from .storage import SessionFolder
 
-# Settings a new session on a model family gets unless they are given: an SDXL click's update
-# trains 3 of the 20 kept steps, estimated ≈ 8 s on an RTX 4090 from the counted FLOPs (all 20:
-# ≈ 39 s; docs/benchmarks.md, section gpu_memory).
+# Settings a new session on a model family gets unless they are given, and why. An SDXL click's
+# update trains 3 of the 20 kept steps: ≈ 8 s on an RTX 4090 by the counted FLOPs instead of
+# ≈ 39 s for all 20 (bench/gpu_memory.py; docs/benchmarks.md, section gpu_memory).
 FAMILY_DEFAULTS: dict[str, dict] = {"sdxl": {"train_fraction": 0.15}}
+FAMILY_REASONS = {"sdxl": "an SDXL update of all 20 kept steps takes about 39 s on an RTX 4090-class GPU by the "
+                          "FLOP estimate, 3 of them about 8 s"}
 
 
 @dataclass
@@ -34,6 +36,7 @@ class Opened:
     settings: Settings
     runtime: Runtime
     meta: dict
+    notes: list[str] = field(default_factory=list)   # settings chosen for the user, in words
 
     def close(self) -> None:
         POOL.release(self.shared, self.adapter)
@@ -70,10 +73,13 @@ def open_folder(folder, model: str | None, pipeline, settings: dict) -> Opened:
         raise
     opened = Opened(sf, lock, shared, adapter, resolved, runtime, meta)
     try:
+        family = model_family(shared.pipe)
         resolved = _fill_native_size(resolved, shared.pipe)
+        if meta is None:                      # a resumed session keeps the settings it was made with
+            resolved, opened.notes = _family_defaults(resolved, family, settings)
         opened.settings = resolved
         opened.meta = {**(meta or {"created": _now()}), "model": model, "model_fingerprint": fingerprint,
-                       "family": model_family(shared.pipe), "settings": resolved.to_dict()}
+                       "family": family, "settings": resolved.to_dict()}
         sf.write_meta(opened.meta)
     except BaseException:
         opened.close()
@@ -135,6 +141,17 @@ def _model_defaults(model: str) -> dict:
         return {}
     from .embedded import DEFAULTS
     return {k: v for k, v in DEFAULTS.items() if k in SAMPLING_FIELDS}
+
+
+def _family_defaults(s: Settings, family: str, given: dict) -> tuple[Settings, list[str]]:
+    """``s`` with ``FAMILY_DEFAULTS[family]`` for the fields not in ``given``, and a note for each."""
+    chosen = {k: v for k, v in FAMILY_DEFAULTS.get(family, {}).items() if k not in given}
+    if not chosen:
+        return s, []
+    s = s.replace(**chosen)
+    notes = [f"{k}={v}, the default for {family}: {FAMILY_REASONS[family]}. Open the session with {k}=... "
+             "to choose another" for k, v in chosen.items()]
+    return s, notes
 
 
 def _fill_native_size(s: Settings, pipe) -> Settings:

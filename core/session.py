@@ -110,6 +110,8 @@ class Session:
             raise
         session._lock_file = opened.lock
         session.open_arguments = {"model": opened.meta["model"], "pipeline": pipeline, **settings}
+        for note in opened.notes:
+            session._note(note)
         warning = session.memory_warning()
         if warning:
             session._note(warning)

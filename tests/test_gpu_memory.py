@@ -220,3 +220,25 @@ def test_device_section_puts_cuda_peaks_beside_the_fake_ones(tmp_path):
     assert "| 3 (train_fraction 0.15) | **1.00 s** |" in section and "| **5.00 s** | 2100 | 420 | 0.50× |" in section
     assert "OutOfMemoryError: boom" in section and "1 click(s) not stepped" in section
     assert json.loads((tmp_path / "d.json").read_text())["environment"] == env
+
+
+def test_a_new_sdxl_session_trains_its_family_share_of_the_kept_steps(tmp_path, tiny_sdxl, tiny_sd1, caplog):
+    """SDXL's default train_fraction (core/opening.py FAMILY_DEFAULTS) applies to a new session that
+    does not set it, said once in its notes and the log; a given value and a resumed session keep theirs."""
+    import logging
+
+    from d3po_studio import Session
+    from d3po_studio.core.opening import FAMILY_DEFAULTS
+    fraction = FAMILY_DEFAULTS["sdxl"]["train_fraction"]
+    with caplog.at_level(logging.WARNING, logger="d3po_studio"):
+        with Session.open(tmp_path / "a", model="tiny-sdxl", pipeline=tiny_sdxl, dtype="float32") as s:
+            assert s.settings.train_fraction == fraction == 0.15
+            (note,) = s.info()["notes"]
+            assert note.startswith("train_fraction=0.15, the default for sdxl") and "train_fraction=..." in note
+    assert sum("train_fraction=0.15" in r.getMessage() for r in caplog.records) == 1
+    with Session.open(tmp_path / "a", pipeline=tiny_sdxl, model="tiny-sdxl") as s:       # resumed: stored value
+        assert s.settings.train_fraction == fraction and s.info()["notes"] == []
+    with Session.open(tmp_path / "b", model="tiny-sdxl", pipeline=tiny_sdxl, dtype="float32", train_fraction=1.0) as s:
+        assert s.settings.train_fraction == 1.0 and s.info()["notes"] == []
+    with Session.open(tmp_path / "c", model="tiny-sd1", pipeline=tiny_sd1, dtype="float32") as s:
+        assert s.settings.train_fraction == 1.0 and s.info()["notes"] == []
