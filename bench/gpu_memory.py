@@ -419,7 +419,7 @@ def measure_on_device(family: str, size: int, name: str, device: str, sampling: 
     dev, v, started = torch.device(device), VARIANTS[name], time.perf_counter()
     clock, live = DeviceClock(dev), LiveBytes(dev.type)
     row = {"variant": name, "family": family, "size": size, "note": v.note, "fake": False, "device": str(dev),
-           "kept_steps": KEPT}
+           "kept_steps": KEPT, "steps": steps}
     with tempfile.TemporaryDirectory(prefix="d3po-gpu-memory-") as folder:
         pipe = build_pipeline(family, device=dev)
         setup = _official_setup if v.official else _session_setup
@@ -606,7 +606,7 @@ def _peaks(part: dict, official: dict | None, fake: dict) -> list[str]:
 
 
 def _device_time_table(results: list[dict]) -> list[str]:
-    head = ["model", "config", "sampling a pair, 20 steps + decode", "update, kept steps", "seconds",
+    head = ["model", "config", "sampling a pair (steps + decode)", "update, kept steps", "seconds",
             "TFLOP", "TFLOP/s achieved", "÷ official", f"{CARD['name']} estimate"]
     rows = []
     for r in (r for r in results if "error" not in r):
@@ -614,7 +614,8 @@ def _device_time_table(results: list[dict]) -> list[str]:
         for i, t in enumerate(r["timed"]):
             flops, seconds = update_flops(r, t["kept_steps"]), t["update_seconds"]
             base = next((o["update_seconds"] for o in official_timed if o["kept_steps"] == t["kept_steps"]), None)
-            sampling = f"{r['sampling']['timed_seconds']:.2f} s" if "sampling" in r and i == 0 else ""
+            sampling = f"{r['sampling']['timed_seconds']:.2f} s ({r.get('steps', STEPS)})" \
+                if "sampling" in r and i == 0 else ""
             rows.append([_model(r), r["variant"], sampling, f"{t['kept_steps']} (train_fraction {t['train_fraction']:g})",
                          f"**{seconds:.2f} s**", f"{flops / 1e12:.0f}", f"{flops / seconds / 1e12:.0f}",
                          f"{seconds / base:.2f}×" if base else "—", f"{gpu_seconds(flops):.1f} s"])
@@ -835,7 +836,8 @@ def main(argv=None) -> None:
     p.add_argument("--variants", nargs="+", help=f"subset of {list(VARIANTS)} (default: the plan's)")
     p.add_argument("--doc", default=str(report.DEFAULT_PATH), help="markdown file to write the section into")
     p.add_argument("--results", default=str(RESULTS), help="JSON file for the raw results")
-    p.add_argument("--rewrite", action="store_true", help="only rewrite the section from --results (no run)")
+    p.add_argument("--rewrite", action="store_true", help="only rewrite the section from --results (no run; "
+                                                          "with --device, from the device's results)")
     p.add_argument("--device", help="real tensors on this device (cuda, cpu) instead of fake ones; then "
                                     "--results defaults to " + DEVICE_RESULTS.name)
     p.add_argument("--budget-s", type=float, help="with --device: start no row after this many seconds")
@@ -858,6 +860,10 @@ def _main_on_device(a, command: str) -> None:
     started = time.perf_counter()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the auto choices
     results_path = DEVICE_RESULTS if a.results == str(RESULTS) else Path(a.results)
+    if a.rewrite:
+        payload = json.loads(results_path.read_text())
+        write_device(payload["results"], payload["command"], payload["environment"], a.doc, results_path)
+        return
     environment = device_environment(a.device)
     print(f"{environment['gpu']}, torch {environment['torch']}, {environment['packages']}", flush=True)
     run_on_device(parse_device_plan(a.plan, a.variants), a.device, a.budget_s, started=started, steps=a.steps,

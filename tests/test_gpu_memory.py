@@ -220,6 +220,10 @@ def test_device_section_puts_cuda_peaks_beside_the_fake_ones(tmp_path):
     assert "| 3 (train_fraction 0.15) | **1.00 s** |" in section and "| **5.00 s** | 2100 | 420 | 0.50× |" in section
     assert "OutOfMemoryError: boom" in section and "1 click(s) not stepped" in section
     assert json.loads((tmp_path / "d.json").read_text())["environment"] == env
+    from d3po_studio.bench.gpu_memory import main
+    (tmp_path / "d.md").unlink()
+    main(["--device", "cuda", "--rewrite", "--results", str(tmp_path / "d.json"), "--doc", str(tmp_path / "d.md")])
+    assert report.read_section("gpu_memory", tmp_path / "d.md") == section
 
 
 def test_a_new_sdxl_session_trains_its_family_share_of_the_kept_steps(tmp_path, tiny_sdxl, tiny_sd1, caplog):
