@@ -66,6 +66,8 @@ class Variant:
     official: bool = False  # bench/official.py's replica instead of the session's update
     vae_slicing: bool = False  # the VAE decodes one image at a time (diffusers' enable_slicing)
     vae_tiling: bool = False   # ... and in overlapping tiles (diffusers' enable_tiling)
+    encoders_off: bool = False  # the text encoders off the accelerator during the VAE decode
+    baseline: str = "ours"      # the sampling-only row's saving is against this row's sampling
 
 
 VARIANTS = {
@@ -78,13 +80,16 @@ VARIANTS = {
     "ours-vae-tiling": Variant({}, True, "+ vae.enable_tiling() on top of slicing (diffusers tiles only latents "
                                          "larger than the VAE's sample size: none at the native size)",
                                vae_slicing=True, vae_tiling=True),
+    "ours-encoders-off": Variant({}, True, "+ the text encoders on the host during the VAE decode (Session.sample "
+                                           "does it when the estimate says the sampling won't fit)",
+                                 vae_slicing=True, encoders_off=True, baseline="ours-vae-slicing"),
     "ours-adamw32": Variant({"optimizer": "adamw"}, True, "32-bit torch AdamW instead of the automatic choice"),
     "official": Variant({}, False, "official recipe: deep-copied reference UNet, no checkpointing, "
                                    "32-bit AdamW, classic attention, both images' graphs alive", official=True),
 }
 ORDER = ["ours", "official", "ours-split", "ours-no-checkpointing", "ours-no-offload",
          "ours-vae-slicing", "ours-vae-tiling"]            # most needed first
-SAMPLING_ONLY = ("ours-vae-slicing", "ours-vae-tiling")    # the VAE is not used in an update
+SAMPLING_ONLY = ("ours-vae-slicing", "ours-vae-tiling", "ours-encoders-off")    # the VAE is not used in an update
 PLAN = {"sd1:512": ORDER, "sdxl:1024": ORDER, "sd2:768": ORDER, "sd1:1024": ["ours"]}
 
 
@@ -235,7 +240,8 @@ def _session_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, d
         with session._use_pipe():
             if kind == "sample":
                 with torch.no_grad():
-                    return _sample_and_decode(pipe, s.height, s.width, device, steps, progress)
+                    return _sample_and_decode(pipe, s.height, s.width, device, steps, progress,
+                                              encoders_host=("meta" if fake else "cpu") if v.encoders_off else None)
             with mock.patch.object(update, "offload_for_update", offload):
                 result = session._train_step(traj, [(0, 1)], s, progress)
             for m in encoders(pipe):            # moved back: new storages, same owner
@@ -314,14 +320,18 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
     return [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
 
 
-def _sample_and_decode(pipe, height: int, width: int, device: torch.device, steps: int = STEPS, progress=None):
+def _sample_and_decode(pipe, height: int, width: int, device: torch.device, steps: int = STEPS, progress=None,
+                       encoders_host=None):
     """core.sampling.sample_trajectory of a pair with CFG, then the VAE decode of ``decode``
-    without its conversion to PIL images (fake tensors have no pixels)."""
+    without its conversion to PIL images (fake tensors have no pixels); ``encoders_host``: where
+    the text encoders wait during the decode, as ``Session._room_to_decode`` moves them."""
+    from ..core.memory import TEXT_ENCODERS, offloaded
     from ..core.sampling import sample_trajectory
     traj = sample_trajectory(pipe, PROMPT, "", 2, 0, steps=steps, guidance=5.0, eta=1.0, height=height,
                              width=width, device=device, progress=progress)
     vae = pipe.vae
-    vae.decode(traj.latents[-1].to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)
+    with offloaded(pipe, device, TEXT_ENCODERS, encoders_host) if encoders_host else nullcontext():
+        vae.decode(traj.latents[-1].to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)
     return traj
 
 
@@ -733,7 +743,7 @@ def _memory_table(rows: list[dict]) -> list[str]:
     table += [_row("sampling a pair", {**r["sampling"], "variant": r["variant"], "note": r["note"] if
                                        r["variant"] != "ours" else f"{STEPS} steps + VAE decode of 2 images"}, None)
               for r in rows if "sampling" in r]
-    lines = [f"### {LABELS[family]} at {size}×{size} px\n", report.table(head, table), ""]
+    lines = [f"### {LABELS.get(family, family)} at {size}×{size} px\n", report.table(head, table), ""]
     if ours and official:
         lines.append(f"Update, ours ÷ official: **{ours['peak_bytes'] / official['peak_bytes']:.2f}×** of the peak.")
     savings = [f"{VARIANTS[n].note}: {_signed(by[n]['peak_bytes'] - ours['peak_bytes'])}"
@@ -741,8 +751,9 @@ def _memory_table(rows: list[dict]) -> list[str]:
     if savings:
         lines.append("Each saving of the update, as the peak with it undone − ours: " + "; ".join(savings) + ".")
     vae = [f"{VARIANTS[n].note.removeprefix('+ ')}: "
-           f"{_signed(by[n]['sampling']['peak_bytes'] - ours['sampling']['peak_bytes'])}"
-           for n in SAMPLING_ONLY if n in by and ours and "sampling" in ours]
+           f"{_signed(by[n]['sampling']['peak_bytes'] - by[VARIANTS[n].baseline]['sampling']['peak_bytes'])}"
+           + (f" (against {VARIANTS[n].baseline})" if VARIANTS[n].baseline != "ours" else "")
+           for n in SAMPLING_ONLY if n in by and "sampling" in by.get(VARIANTS[n].baseline, {})]
     if vae:
         lines.append("Each saving of the sampling peak against ours: " + "; ".join(vae) + ".")
     return lines + [""]
@@ -766,7 +777,7 @@ def _estimate_check(results: list[dict]) -> list[str]:
             est = estimate_bytes(r["family"], r["size"], r["size"], measured=measured)
             for part, got in (("update", r.get("peak_bytes")), ("sampling", r.get("sampling", {}).get("peak_bytes"))):
                 if got:
-                    rows.append([f"{LABELS[r['family']]} at {r['size']} px, {part}", report.gb(est[part]),
+                    rows.append([f"{_model(r)}, {part}", report.gb(est[part]),
                                  report.gb(got), f"{est[part] / got - 1:+.0%}"])
     if not rows:
         return []
@@ -796,7 +807,7 @@ def _time_table(rows: list[dict]) -> list[str]:
         smp = r.get("sampling", {})
         full = update_flops(r, STEPS)
         k = max_kept_steps(r, 10.0)
-        table.append([f"{LABELS[r['family']]} at {r['size']} px",
+        table.append([_model(r),
                       f"{smp.get('flops', 0) / 1e12:.1f}", f"{gpu_seconds(smp.get('flops', 0)):.1f}",
                       f"{r['flops_per_kept_step'] / 1e12:.2f}", f"{full / 1e12:.1f}", f"{gpu_seconds(full):.1f}",
                       str(min(k, STEPS)), f"{min(1.0, k / STEPS):.2f}"])

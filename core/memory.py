@@ -123,6 +123,7 @@ class LiveBytes(TorchDispatchMode):
 # ----------------------------------------------------------------- offloading
 
 OFFLOADED = ("text_encoder", "text_encoder_2", "vae")   # what an update does not use
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")       # what the VAE decode does not use
 
 
 @contextmanager
@@ -132,11 +133,19 @@ def offload_for_update(pipe, device, host="cpu"):
     An update needs only the UNet: the conditioning is stored with the trajectory. Nothing
     moves when ``device`` is ``host`` (a CPU session). Always moves back, even on an error.
     """
+    with offloaded(pipe, device, OFFLOADED, host):
+        yield pipe
+
+
+@contextmanager
+def offloaded(pipe, device, names, host="cpu"):
+    """Move the pipeline's modules ``names`` (those it has) to ``host`` for the block, and back to
+    ``device`` afterwards, even on an error; nothing moves when both are the same device type."""
     device, host = torch.device(device), torch.device(host)
     if device.type == host.type:
         yield pipe
         return
-    modules = [m for m in (getattr(pipe, name, None) for name in OFFLOADED) if m is not None]
+    modules = [m for m in (getattr(pipe, name, None) for name in names) if m is not None]
     for m in modules:
         m.to(host)
     try:

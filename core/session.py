@@ -30,7 +30,7 @@ from .loss import pairs_from_best, pairs_from_ranking
 from .opening import open_folder, prepare_pipeline  # noqa: F401  (prepare_pipeline: replay imports it here)
 from .pool import POOL, SharedPipeline
 from .recovery import open_head, settle_rounds
-from .runtime import Runtime, make_optimizer, measure_memory
+from .runtime import Runtime, make_optimizer, measure_memory, say_once
 from .sampling import Trajectory, decode, sample_trajectory
 from .storage import SessionFolder, read_tensors, write_tensors
 from .trainstate import State, TrainState
@@ -194,12 +194,27 @@ class Session:
             traj = sample_trajectory(pipe, prompt, negative_prompt, n, seed, steps=s.steps,
                                      guidance=s.guidance, eta=s.eta, height=s.height, width=s.width,
                                      reduction=s.reduction, device=self.runtime.device, progress=progress)
-            images = decode(pipe, traj.latents[-1].float())
+            with self._room_to_decode(s, n):
+                images = decode(pipe, traj.latents[-1].float())
             with self._lock:
                 batch = Batch(self.folder.next_round_id(datetime.datetime.now()), prompt, negative_prompt, seed,
                               images, traj, {k: getattr(s, k) for k in SAMPLING_FIELDS})
                 self._save_batch(batch)
         return batch
+
+    def _room_to_decode(self, s: Settings, n: int):
+        """The VAE decode, the sampling's peak (docs/benchmarks.md): the text encoders wait on the
+        host meanwhile when sampling ``n`` images at this size is estimated not to fit the GPU's
+        free memory with them on it (core/memory.py); else nothing moves."""
+        from .memory import MEASURED, TEXT_ENCODERS, device_free_bytes, estimate_bytes, offloaded
+        family = self.meta["family"]
+        free = device_free_bytes(self.runtime.device)
+        if free is None or self.meta["model"] == "embedded" or family not in MEASURED or \
+                estimate_bytes(family, s.height, s.width, n=n)["sampling"] <= free:
+            return contextlib.nullcontext()
+        say_once(f"{family} at {s.width}×{s.height} px, {n} images: the text encoders go to the host during "
+                 "the VAE decode (the sampling is estimated not to fit the GPU's free memory otherwise)")
+        return offloaded(self.pipe, self.runtime.device, TEXT_ENCODERS)
 
     def _save_batch(self, batch: Batch) -> None:
         rdir = self.folder.round_dir(batch.id)
@@ -391,7 +406,8 @@ class Session:
             traj = sample_trajectory(pipe, prompt, negative_prompt, n, int(seed), steps=s.steps,
                                      guidance=s.guidance, eta=s.eta, height=s.height, width=s.width,
                                      device=self.runtime.device)
-            return decode(pipe, traj.latents[-1].float())
+            with self._room_to_decode(s, n):
+                return decode(pipe, traj.latents[-1].float())
 
     # ------------------------------------------------------------ history etc.
     def history(self) -> list[dict]:

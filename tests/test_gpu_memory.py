@@ -246,3 +246,30 @@ def test_a_new_sdxl_session_trains_its_family_share_of_the_kept_steps(tmp_path, 
         assert s.settings.train_fraction == 1.0 and s.info()["notes"] == []
     with Session.open(tmp_path / "c", model="tiny-sd1", pipeline=tiny_sd1, dtype="float32") as s:
         assert s.settings.train_fraction == 1.0 and s.info()["notes"] == []
+
+
+def test_the_text_encoders_wait_on_the_host_during_the_decode_only_when_sampling_would_not_fit(
+        tmp_path, tiny_sdxl, monkeypatch):
+    """The VAE decode is the sampling's peak; Session.sample and render move the text encoders
+    off the GPU for it when core/memory.py estimates the sampling would not fit otherwise."""
+    from contextlib import contextmanager
+
+    import d3po_studio.core.memory as memory
+    from d3po_studio import Session
+    moved = []
+
+    @contextmanager
+    def spy(pipe, device, names, host="cpu"):
+        moved.append(names)
+        yield pipe
+    monkeypatch.setattr(memory, "offloaded", spy)
+    monkeypatch.setattr(memory, "MEASURED", {"sdxl": FAKE_MEASURED["sd1"]})
+    monkeypatch.setattr(memory, "device_free_bytes", lambda device: 2.52e9)   # sampling: 2.5e9 + 0.5e9 × pixels
+    with Session.open(tmp_path / "s", model="tiny-sdxl", pipeline=tiny_sdxl, steps=2, dtype="float32",
+                      height=64, width=64) as s:
+        s.sample("a red circle", n=2, seed=0)                         # 2.508e9 at 64 px: fits
+        assert moved == []
+        s.sample("a red circle", n=2, seed=0, height=128, width=128)  # 2.531e9
+        assert moved == [memory.TEXT_ENCODERS]
+        s.render("a red circle", seed=0, n=1, height=128, width=128)  # one image: 2.516e9 fits
+        assert moved == [memory.TEXT_ENCODERS]
