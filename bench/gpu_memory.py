@@ -387,7 +387,7 @@ WITH_SAMPLING = ("ours", "official")           # rows whose sampling is measured
 DEVICE_PLAN = [("sdxl:1024", "ours"), ("sd1:512", "ours"), ("sdxl:1024", "official"), ("sd1:512", "official"),
                *[(key, name) for key in ("sdxl:1024", "sd1:512")
                  for name in ("ours-split", "ours-no-checkpointing", "ours-adamw32")],
-               ("sd2:768", "ours"), ("sd2:768", "official")]
+               ("sd2:768", "ours"), ("sd2:768", "official"), ("sdxl:1024", "ours-encoders-off")]
 
 
 class DeviceClock:
@@ -438,11 +438,12 @@ def measure_on_device(family: str, size: int, name: str, device: str, sampling: 
                        setup_seconds=time.perf_counter() - started)
             _track_weights(live, pipe, run)
             lora = [p.detach().clone() for p in run.params]
-            if sampling:
+            if sampling or name in SAMPLING_ONLY:
                 row["sampling"] = _device_sampling(run, live, clock, steps)
-            traj = synthetic_trajectory(pipe, size, steps=steps, n=2)
-            row.update(_device_clicks(run, traj, live, clock, fractions, lora))
-            row["lora_changed"] = any(not torch.equal(a, b) for a, b in zip(lora, run.params))
+            if name not in SAMPLING_ONLY:
+                traj = synthetic_trajectory(pipe, size, steps=steps, n=2)
+                row.update(_device_clicks(run, traj, live, clock, fractions, lora))
+                row["lora_changed"] = any(not torch.equal(a, b) for a, b in zip(lora, run.params))
     row["wall_seconds"] = time.perf_counter() - started
     return row
 
@@ -537,6 +538,9 @@ def run_on_device(plan: list[tuple[str, str]], device: str, budget_s: float | No
 def _summary(row: dict) -> str:
     if "error" in row:
         return row["error"]
+    if "timed" not in row:
+        return f"sampling peak {report.gb(row['sampling']['peak_bytes'])} live, " \
+               f"{_gb_or_dash(row['sampling']['device_peak_bytes'])} CUDA"
     times = ", ".join("%.2f s (%d kept steps)" % (t["update_seconds"], t["kept_steps"]) for t in row["timed"])
     return (f"update peak {report.gb(row['peak_bytes'])} live, {_gb_or_dash(row['device_peak_bytes'])} CUDA; "
             f"update {times}" + (f"; sampling {row['sampling']['timed_seconds']:.2f} s" if "sampling" in row else "")
@@ -589,7 +593,7 @@ def _device_memory_table(results: list[dict], fake: dict) -> list[str]:
         fake_update = fake.get((r["family"], r["size"], r["variant"]), {})
         fake_sampling = fake.get((r["family"], r["size"], "ours-vae-slicing" if r["variant"] == "ours"
                                   else r["variant"]), {}).get("sampling", {})
-        parts = [("update", r, official, fake_update),
+        parts = [("update", r if "timed" in r else None, official, fake_update),
                  ("sampling a pair", r.get("sampling"), official.get("sampling"), fake_sampling)]
         for what, part, of, fk in parts:
             if part:
@@ -621,7 +625,10 @@ def _device_time_table(results: list[dict]) -> list[str]:
     rows = []
     for r in (r for r in results if "error" not in r):
         official_timed = (_official_of(r, results) or {}).get("timed", [])
-        for i, t in enumerate(r["timed"]):
+        if "timed" not in r:                     # a sampling-only row
+            rows.append([_model(r), r["variant"], f"{r['sampling']['timed_seconds']:.2f} s ({r.get('steps', STEPS)})",
+                         "—", "", "", "", "", ""])
+        for i, t in enumerate(r.get("timed", [])):
             flops, seconds = update_flops(r, t["kept_steps"]), t["update_seconds"]
             base = next((o["update_seconds"] for o in official_timed if o["kept_steps"] == t["kept_steps"]), None)
             sampling = f"{r['sampling']['timed_seconds']:.2f} s ({r.get('steps', STEPS)})" \

@@ -211,6 +211,9 @@ def test_device_section_puts_cuda_peaks_beside_the_fake_ones(tmp_path):
             row("ours-split", 7e9, [(1.0, 20, 7.0)], sampling=False),
             {"variant": "ours-adamw32", "family": "sd1", "size": 512, "error": "OutOfMemoryError: boom"}]
     rows[2]["failed_clicks"] = ["non-finite loss (nan)"]
+    encoders_off = row("ours-encoders-off", 0, [])
+    del encoders_off["timed"], encoders_off["peak_bytes"], encoders_off["device_peak_bytes"]
+    rows.append({**encoders_off, "sampling": {**encoders_off["sampling"], "device_peak_bytes": 8.5e9}})
     env = {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "packages": "diffusers 0.42.1", "date": "2026-11-26"}
     write_device(rows, "cmd", env, tmp_path / "d.md", tmp_path / "d.json")
     section = report.read_section("gpu_memory", tmp_path / "d.md")
@@ -219,6 +222,8 @@ def test_device_section_puts_cuda_peaks_beside_the_fake_ones(tmp_path):
     assert "| SDXL at 1024 px | ours | sampling a pair | **10.00 GB** | 9.00 GB | 10.39 GB | 1.04 | 1.00× |" in section
     assert "| 3 (train_fraction 0.15) | **1.00 s** |" in section and "| **5.00 s** | 2100 | 420 | 0.50× |" in section
     assert "OutOfMemoryError: boom" in section and "1 click(s) not stepped" in section
+    assert "| SDXL at 1024 px | ours-encoders-off | sampling a pair | **8.50 GB** | 9.00 GB | 8.75 GB | 1.03 |" in section
+    assert "| SDXL at 1024 px | ours-encoders-off | 2.00 s (20) | — |" in section
     assert json.loads((tmp_path / "d.json").read_text())["environment"] == env
     from d3po_studio.bench.gpu_memory import main
     (tmp_path / "d.md").unlink()
