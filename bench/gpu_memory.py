@@ -68,6 +68,7 @@ class Variant:
     vae_tiling: bool = False   # ... and in overlapping tiles (diffusers' enable_tiling)
     encoders_off: bool = False  # the text encoders off the accelerator during the VAE decode
     baseline: str = "ours"      # the sampling-only row's saving is against this row's sampling
+    decode: bool = True         # False: the sampling's denoising steps only (their own peak)
 
 
 VARIANTS = {
@@ -83,13 +84,16 @@ VARIANTS = {
     "ours-encoders-off": Variant({}, True, "+ the text encoders on the host during the VAE decode (Session.sample "
                                            "does it when the estimate says the sampling won't fit)",
                                  vae_slicing=True, encoders_off=True, baseline="ours-vae-slicing"),
+    "ours-no-decode": Variant({}, True, "the denoising steps alone, no VAE decode: their own peak",
+                              vae_slicing=True, decode=False, baseline="ours-vae-slicing"),
     "ours-adamw32": Variant({"optimizer": "adamw"}, True, "32-bit torch AdamW instead of the automatic choice"),
     "official": Variant({}, False, "official recipe: deep-copied reference UNet, no checkpointing, "
                                    "32-bit AdamW, classic attention, both images' graphs alive", official=True),
 }
 ORDER = ["ours", "official", "ours-split", "ours-no-checkpointing", "ours-no-offload",
          "ours-vae-slicing", "ours-vae-tiling"]            # most needed first
-SAMPLING_ONLY = ("ours-vae-slicing", "ours-vae-tiling", "ours-encoders-off")    # the VAE is not used in an update
+# Rows of the sampling alone (what they change is not used in an update).
+SAMPLING_ONLY = ("ours-vae-slicing", "ours-vae-tiling", "ours-encoders-off", "ours-no-decode")
 PLAN = {"sd1:512": ORDER, "sdxl:1024": ORDER, "sd2:768": ORDER, "sd1:1024": ["ours"]}
 
 
@@ -201,7 +205,7 @@ def measure(family: str, size: int, name: str, sampling: bool = False, kept: int
         with setup(pipe, mode, live, folder, v, size, kept, dtype, torch.device("cpu")) as run:
             _track_weights(live, pipe, run)
             row = {"variant": name, "family": family, "size": size, "note": v.note, "kept_steps": kept,
-                   "fake": fake, "dtype": dtype}
+                   "fake": fake, "dtype": dtype, "vae_slicing": bool(pipe.vae.use_slicing)}
             if sampling:
                 row["sampling"] = _measure_sampling(run, live, count_flops)
             if clicks:
@@ -240,7 +244,7 @@ def _session_setup(pipe, mode, live, folder, v: Variant, size: int, kept: int, d
         with session._use_pipe():
             if kind == "sample":
                 with torch.no_grad():
-                    return _sample_and_decode(pipe, s.height, s.width, device, steps, progress,
+                    return _sample_and_decode(pipe, s.height, s.width, device, steps, progress, v.decode,
                                               encoders_host=("meta" if fake else "cpu") if v.encoders_off else None)
             with mock.patch.object(update, "offload_for_update", offload):
                 result = session._train_step(traj, [(0, 1)], s, progress)
@@ -321,7 +325,7 @@ def _optimizer_tensors(optimizer) -> list[torch.Tensor]:
 
 
 def _sample_and_decode(pipe, height: int, width: int, device: torch.device, steps: int = STEPS, progress=None,
-                       encoders_host=None):
+                       decode: bool = True, encoders_host=None):
     """core.sampling.sample_trajectory of a pair with CFG, then the VAE decode of ``decode``
     without its conversion to PIL images (fake tensors have no pixels); ``encoders_host``: where
     the text encoders wait during the decode, as ``Session._room_to_decode`` moves them."""
@@ -330,6 +334,8 @@ def _sample_and_decode(pipe, height: int, width: int, device: torch.device, step
     traj = sample_trajectory(pipe, PROMPT, "", 2, 0, steps=steps, guidance=5.0, eta=1.0, height=height,
                              width=width, device=device, progress=progress)
     vae = pipe.vae
+    if not decode:
+        return traj
     with offloaded(pipe, device, TEXT_ENCODERS, encoders_host) if encoders_host else nullcontext():
         vae.decode(traj.latents[-1].to(vae.device, vae.dtype) / vae.config.scaling_factor, return_dict=False)
     return traj
@@ -435,6 +441,7 @@ def measure_on_device(family: str, size: int, name: str, device: str, sampling: 
         setup = _official_setup if v.official else _session_setup
         with setup(pipe, nullcontext(), live, folder, v, size, KEPT, dtype, dev) as run:
             row.update(runtime_notes=run.notes, dtype=str(pipe.unet.dtype).removeprefix("torch."),
+                       vae_slicing=bool(pipe.vae.use_slicing),
                        setup_seconds=time.perf_counter() - started)
             _track_weights(live, pipe, run)
             lora = [p.detach().clone() for p in run.params]
@@ -633,8 +640,8 @@ def _device_time_table(results: list[dict]) -> list[str]:
             base = next((o["update_seconds"] for o in official_timed if o["kept_steps"] == t["kept_steps"]), None)
             sampling = f"{r['sampling']['timed_seconds']:.2f} s ({r.get('steps', STEPS)})" \
                 if "sampling" in r and i == 0 else ""
-            rows.append([_model(r), r["variant"], sampling, f"{t['kept_steps']} (train_fraction {t['train_fraction']:g})",
-                         f"**{seconds:.2f} s**", f"{flops / 1e12:.0f}", f"{flops / seconds / 1e12:.0f}",
+            kept = f"{t['kept_steps']} (train_fraction {t['train_fraction']:g})"
+            rows.append([_model(r), r["variant"], sampling, kept, f"**{seconds:.2f} s**", f"{flops / 1e12:.0f}", f"{flops / seconds / 1e12:.0f}",
                          f"{seconds / base:.2f}×" if base else "—", f"{gpu_seconds(flops):.1f} s"])
     return ["### Seconds\n", "TFLOP counted by `FlopCounterMode` in the warm-up runs (matmuls, convolutions, "
             "attention); the estimate is what the fake-tensor section's method gives for "
@@ -682,23 +689,52 @@ def max_kept_steps(row: dict, seconds: float) -> int:
 
 
 def measured_constants(results: list[dict]) -> dict:
-    """``core.memory.MEASURED`` from the rows measured at each family's native size."""
+    """``core.memory.MEASURED`` from the rows measured at each family's native size: the update of
+    "ours", its sampling as shipped (the VAE decoding one image at a time; rows measured before
+    ``Session.open`` did it give way to ours-vae-slicing), and the text encoders' bytes, which
+    ours-encoders-off moves off for the decode."""
     out = {}
     for family, size in NATIVE.items():
         by = {r["variant"]: r for r in results if r["family"] == family and r["size"] == size}
         ours = by.get("ours")
-        if not ours or "sampling" not in ours:
+        smp = shipped_sampling(by)
+        if not ours or smp is None:
             continue
-        b, smp = ours["at_peak"], ours["sampling"]
+        b = ours["at_peak"]
         weights = b["UNet"] + b["LoRA"] + b["LoRA grads"] + b["optimizer states"]
         encoders = smp["at_peak"]["text encoders + VAE"]
         update = {key: by[name]["peak_bytes"] - weights for name, key in
                   (("ours", (True, "joint")), ("ours-split", (True, "split")),
                    ("ours-no-checkpointing", (False, "joint"))) if name in by}
-        out[family] = {"size": size, "weights": weights, "encoders": encoders,
-                       "sampling": smp["peak_bytes"] - smp["at_peak"]["UNet"] - smp["at_peak"]["LoRA"] - encoders,
+        out[family] = {"size": size, "weights": weights, "encoders": encoders, "sampling": _activations(smp),
                        "update": update}
+        denoise = by.get("ours-no-decode", {}).get("sampling")
+        if denoise:
+            out[family]["denoise"] = _activations(denoise)
+        off = by.get("ours-encoders-off", {}).get("sampling")
+        if off:
+            out[family]["text_encoders"] = encoders - off["at_peak"]["text encoders + VAE"]
     return out
+
+
+def _activations(sampling: dict) -> int:
+    """A sampling peak less the weights live at it: UNet, LoRA, text encoders and VAE."""
+    b = sampling["at_peak"]
+    return sampling["peak_bytes"] - b["UNet"] - b["LoRA"] - b["text encoders + VAE"]
+
+
+def shipped_sampling(by: dict[str, dict]) -> dict | None:
+    """The sampling measurement of the configuration as shipped, among rows by variant name."""
+    for name in ("ours", "ours-vae-slicing"):
+        r = by.get(name)
+        if r and "sampling" in r and sliced(r):
+            return r["sampling"]
+    return None
+
+
+def sliced(row: dict) -> bool:
+    """Whether the row's VAE decoded one image at a time (recorded since Session.open does it)."""
+    return row.get("vae_slicing", VARIANTS[row["variant"]].vae_slicing)
 
 
 def run_plan(plan: dict[str, list[str]], log=print, on_result=None) -> list[dict]:
@@ -748,7 +784,7 @@ def _memory_table(rows: list[dict]) -> list[str]:
             "activations", "÷ official", "what"]
     table = [_row("update (2 clicks)", r, official) for r in rows if "peak_bytes" in r]
     table += [_row("sampling a pair", {**r["sampling"], "variant": r["variant"], "note": r["note"] if
-                                       r["variant"] != "ours" else f"{STEPS} steps + VAE decode of 2 images"}, None)
+                                       r["variant"] != "ours" else _sampling_note(r)}, None)
               for r in rows if "sampling" in r]
     lines = [f"### {LABELS.get(family, family)} at {size}×{size} px\n", report.table(head, table), ""]
     if ours and official:
@@ -760,10 +796,17 @@ def _memory_table(rows: list[dict]) -> list[str]:
     vae = [f"{VARIANTS[n].note.removeprefix('+ ')}: "
            f"{_signed(by[n]['sampling']['peak_bytes'] - by[VARIANTS[n].baseline]['sampling']['peak_bytes'])}"
            + (f" (against {VARIANTS[n].baseline})" if VARIANTS[n].baseline != "ours" else "")
-           for n in SAMPLING_ONLY if n in by and "sampling" in by.get(VARIANTS[n].baseline, {})]
+           for n in SAMPLING_ONLY if n in by and VARIANTS[n].decode and "sampling" in by.get(VARIANTS[n].baseline, {})]
     if vae:
         lines.append("Each saving of the sampling peak against ours: " + "; ".join(vae) + ".")
     return lines + [""]
+
+
+def _sampling_note(r: dict) -> str:
+    if sliced(r):
+        return f"{STEPS} steps + VAE decode of 2 images, one at a time"
+    return (f"{STEPS} steps + VAE decode of 2 images at once (measured before `Session.open` sliced the "
+            "decode: as shipped = ours-vae-slicing)")
 
 
 def _row(what: str, r: dict, official: dict | None) -> list:
@@ -775,22 +818,28 @@ def _row(what: str, r: dict, official: dict | None) -> list:
 
 
 def _estimate_check(results: list[dict]) -> list[str]:
-    """``core.memory.estimate_bytes`` from the native-size rows against "ours" at other sizes."""
+    """``core.memory.estimate_bytes`` from the native-size rows against measurements at other
+    sizes: the update of "ours", the sampling as shipped (``shipped_sampling``)."""
     from ..core.memory import estimate_bytes
     measured = measured_constants(results)
     rows = []
-    for r in results:
-        if r["variant"] == "ours" and r["size"] != NATIVE[r["family"]] and r["family"] in measured:
-            est = estimate_bytes(r["family"], r["size"], r["size"], measured=measured)
-            for part, got in (("update", r.get("peak_bytes")), ("sampling", r.get("sampling", {}).get("peak_bytes"))):
-                if got:
-                    rows.append([f"{_model(r)}, {part}", report.gb(est[part]),
-                                 report.gb(got), f"{est[part] / got - 1:+.0%}"])
+    for key in dict.fromkeys((r["family"], r["size"]) for r in results):
+        family, size = key
+        if size == NATIVE.get(family) or family not in measured:
+            continue
+        by = {r["variant"]: r for r in results if (r["family"], r["size"]) == key}
+        est = estimate_bytes(family, size, size, measured=measured)
+        for part, got in (("update", by.get("ours", {}).get("peak_bytes")),
+                          ("sampling", (shipped_sampling(by) or {}).get("peak_bytes"))):
+            if got:
+                rows.append([f"{LABELS.get(family, family)} at {size} px, {part}", report.gb(est[part]),
+                             report.gb(got), f"{est[part] / got - 1:+.0%}"])
     if not rows:
         return []
     return ["### The fit warning's estimate against a measurement at another size\n",
             "`core.memory.estimate_bytes` (used by `fit_warning`) scales the activations measured at the "
-            "native size by the pixel count, an update's only upward (they do not shrink in proportion):\n", report.table(["what", "estimate", "measured", "error"], rows), ""]
+            "native size by the pixel count, an update's only upward (they do not shrink in proportion):\n",
+            report.table(["what", "estimate", "measured", "error"], rows), ""]
 
 
 def _signed(n_bytes: float) -> str:

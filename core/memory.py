@@ -162,19 +162,17 @@ def offloaded(pipe, device, names, host="cpu"):
 #   weights   UNet + LoRA + its gradients and optimizer states, always on the accelerator
 #   encoders  text encoder(s) + VAE (fp32): on the accelerator while sampling, off it in an update
 #   update    activations at the update's peak, by (gradient_checkpointing, backward)
-#   sampling  activations at the sampling peak (one step without a graph, or the VAE decode)
-MEASURED: dict[str, dict] = {'sd1': {'size': 512,
-             'weights': 1729231880,
-             'encoders': 580737028,
-             'sampling': 1614519056,
-             'update': {(True, 'joint'): 1037402076,
-                        (True, 'split'): 859592044,
-                        (False, 'joint'): 4262806668}},
-     'sdxl': {'size': 1024,
-              'weights': 5172086536,
-              'encoders': 1970057324,
-              'sampling': 6468168476,
-              'update': {(True, 'joint'): 2688235184}}}
+#   sampling  activations at the sampling peak, the VAE decode (one image at a time, as shipped)
+#   denoise   activations of the denoising steps alone (no graph), a pair with CFG
+#   text_encoders  the text encoders' bytes, moved to the host for the decode when it won't fit
+MEASURED: dict[str, dict] = {
+    "sd1": {"size": 512, "weights": 1729231880, "encoders": 580737028, "text_encoders": 246121576,
+             "sampling": 812292880, "denoise": 277164832,
+             "update": {(True, "joint"): 1037402076, (True, "split"): 859592044, (False, "joint"): 4262806668}},
+    "sdxl": {"size": 1024, "weights": 5172086536, "encoders": 1970057324, "text_encoders": 1635441872,
+             "sampling": 3259263564, "denoise": 688151548,
+             "update": {(True, "joint"): 2688235184}},
+}
 
 
 def estimate_bytes(family: str, height: int, width: int, *, n: int = 2, backward: str = "joint",
@@ -182,12 +180,16 @@ def estimate_bytes(family: str, height: int, width: int, *, n: int = 2, backward
     """Estimated peak bytes on the accelerator of sampling ``n`` images and of one update.
 
     Sampling activations scale with the pixel count from the measured native size (SDPA keeps no
-    tokens² matrix; measured linear between 256 and 512 px on SD 1.5). An update's do not shrink
-    in proportion below the native size (SD 1.5: 0.66 GB at 256 px, 1.04 GB at 512 px), so they
+    tokens² matrix; measured linear between 256 and 512 px on SD 1.5): the denoising steps' also
+    with ``n``, the VAE decode's not (one image at a time). An update's do not shrink in
+    proportion below the native size (SD 1.5: 0.66 GB at 256 px, 1.04 GB at 512 px), so they
     scale only up, which overestimates: a warning errs on the safe side. A joint update holds
     all ``n`` images' graphs, a split one one image's.
-    Returns ``{"sampling", "update", "click"}`` (click = the larger of the two). ``measured``:
-    figures to use instead of ``MEASURED`` (same layout).
+    Returns ``{"sampling", "sampling_encoders_off", "update", "click"}``: sampling with the text
+    encoders on the accelerator throughout, or on the host during the decode (as ``Session.sample``
+    does when the first would not fit); click = what a click needs, the larger of the latter and
+    the update. ``measured``: figures to use instead of ``MEASURED`` (same layout; without
+    "denoise", the whole sampling scales with ``n``).
     """
     measured = MEASURED if measured is None else measured
     m = measured.get(family)
@@ -197,9 +199,15 @@ def estimate_bytes(family: str, height: int, width: int, *, n: int = 2, backward
     key = (gradient_checkpointing, backward)
     update = m["update"].get(key, m["update"][(gradient_checkpointing, "joint")])
     graphs = n / 2 if backward == "joint" else 1.0      # measured on one pair
-    out = {"sampling": m["weights"] + m["encoders"] + m["sampling"] * scale * n / 2,
+    if "denoise" in m:
+        denoise, decode = m["denoise"] * scale * n / 2, m["sampling"] * scale
+    else:
+        denoise = decode = m["sampling"] * scale * n / 2
+    on = m["weights"] + m["encoders"]
+    out = {"sampling": on + max(denoise, decode),
+           "sampling_encoders_off": on + max(denoise, decode - m.get("text_encoders", 0)),
            "update": m["weights"] + update * max(scale, 1.0) * graphs}
-    out["click"] = max(out["sampling"], out["update"])
+    out["click"] = max(out["sampling_encoders_off"], out["update"])
     return out
 
 

@@ -68,7 +68,7 @@ def test_estimate_scales_activations_with_pixels_and_images(monkeypatch):
     from d3po_studio.core import memory
     monkeypatch.setattr(memory, "MEASURED", FAKE_MEASURED)
     at_native = memory.estimate_bytes("sd1", 512, 512)
-    assert at_native == {"sampling": 3e9, "update": 4e9, "click": 4e9}
+    assert at_native == {"sampling": 3e9, "sampling_encoders_off": 3e9, "update": 4e9, "click": 4e9}
     assert memory.estimate_bytes("sd1", 1024, 512)["update"] == 2e9 + 2 * 2e9
     small = memory.estimate_bytes("sd1", 256, 256)              # an update's activations never shrink
     assert small["update"] == 4e9 and small["sampling"] == 2.5e9 + 0.5e9 / 4
@@ -76,6 +76,19 @@ def test_estimate_scales_activations_with_pixels_and_images(monkeypatch):
     assert memory.estimate_bytes("sd1", 512, 512, n=4, backward="split")["update"] == 2e9 + 1e9
     with pytest.raises(ValueError, match="sd1"):
         memory.estimate_bytes("sd3", 512, 512)
+
+
+def test_estimate_of_a_sliced_decode_and_of_the_text_encoders_moved_off_for_it(monkeypatch):
+    """With "denoise" measured, only the denoising steps grow with n (the decode is one image at a
+    time); a click needs the sampling with the text encoders on the host during the decode."""
+    from d3po_studio.core import memory
+    m = {"sd1": {**FAKE_MEASURED["sd1"], "sampling": 1e9, "denoise": 0.2e9, "text_encoders": 0.3e9}}
+    est = memory.estimate_bytes("sd1", 512, 512, measured=m)
+    assert est["sampling"] == 2.5e9 + 1e9 and est["sampling_encoders_off"] == 2.5e9 + 0.7e9
+    assert est["click"] == est["update"] == 4e9
+    assert memory.estimate_bytes("sd1", 512, 512, n=8, measured=m)["sampling"] == 2.5e9 + 1e9     # 0.8e9 < 1e9
+    assert memory.estimate_bytes("sd1", 512, 512, n=20, measured=m)["sampling_encoders_off"] == 2.5e9 + 2e9
+    assert memory.estimate_bytes("sd1", 256, 256, n=1, measured=m)["sampling"] == 2.5e9 + 0.25e9
 
 
 def test_fit_warning_says_what_to_change(monkeypatch):
