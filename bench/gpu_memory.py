@@ -1,7 +1,13 @@
-"""GPU memory and time of one click at native resolution, measured with fake tensors on a CPU.
+"""GPU memory and time of one click at native resolution: fake tensors on a CPU, or real ones on a GPU.
 
-    OMP_NUM_THREADS=1 nice -n 10 python -m d3po_studio.bench.gpu_memory   # hours on 2 loaded cores (SDXL "ours": 36 min)
+    OMP_NUM_THREADS=1 nice -n 10 python -m d3po_studio.bench.gpu_memory   # hours on 2 loaded cores
     python -m d3po_studio.bench.gpu_memory --plan sd1:256 --variants ours --doc /tmp/b.md  # smoke
+    python -m d3po_studio.bench.gpu_memory --device cuda --budget-s 200   # ≈ 200 s on an H200
+    python -m d3po_studio.bench.gpu_memory --device cpu --plan tiny-sd1:16 --steps 4 --doc /tmp/b.md  # its smoke
+
+With ``--device``, the same rows run with real random weights built on the device
+(``measure_on_device``): ``torch.cuda.max_memory_allocated`` beside ``LiveBytes`` and the fake
+figures, and wall-clock seconds of a sampled pair and of an update (DEVICE_PLAN, most needed first).
 
 Full-size SD 1.5, SD 2.1 (768 px, v-prediction) and SDXL pipelines are built from the shipped
 configs (``core/configs/``) under ``FakeTensorMode``: every tensor has its shape, dtype and device
