@@ -6,8 +6,9 @@
     python -m d3po_studio.bench.gpu_memory --device cpu --plan tiny-sd1:16 --steps 4 --doc /tmp/b.md  # its smoke
 
 With ``--device``, the same rows run with real random weights built on the device
-(``measure_on_device``): ``torch.cuda.max_memory_allocated`` beside ``LiveBytes`` and the fake
-figures, and wall-clock seconds of a sampled pair and of an update (DEVICE_PLAN, most needed first).
+(bench/gpu_memory_device.py): ``torch.cuda.max_memory_allocated`` beside ``LiveBytes`` and the
+fake figures, and wall-clock seconds of a sampled pair and of an update (DEVICE_PLAN, most needed
+first). The section's tables are written by bench/gpu_memory_report.py; this module measures.
 
 Full-size SD 1.5, SD 2.1 (768 px, v-prediction) and SDXL pipelines are built from the shipped
 configs (``core/configs/``) under ``FakeTensorMode``: every tensor has its shape, dtype and device
@@ -34,7 +35,6 @@ in the same run; seconds on a GPU are an ESTIMATE from them (``CARD``).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import functools
 import json
@@ -391,358 +391,6 @@ def _measure_clicks(run, pipe, live, size: int, count_flops: bool = True, clicks
     return {**row, "peak_bytes": live.peak, "at_peak": _breakdown(live.at_peak)}
 
 
-# ------------------------------------------------------------------ real tensors on a device
-DEVICE_RESULTS = RESULTS.with_name("gpu_memory_device.json")
-DEVICE_VARIANTS = ["ours", "official", "ours-split", "ours-no-checkpointing", "ours-adamw32"]
-WITH_SAMPLING = ("ours", "official")           # rows whose sampling is measured and timed too
-# Most needed first, so that a run stopped by --budget-s or a timeout has them (≈ 200 s on an H200).
-DEVICE_PLAN = [("sdxl:1024", "ours"), ("sd1:512", "ours"), ("sdxl:1024", "official"), ("sd1:512", "official"),
-               *[(key, name) for key in ("sdxl:1024", "sd1:512")
-                 for name in ("ours-split", "ours-no-checkpointing", "ours-adamw32")],
-               ("sd2:768", "ours"), ("sd2:768", "official"), ("sdxl:1024", "ours-encoders-off")]
-
-
-class DeviceClock:
-    """Wall-clock seconds and the allocator's peak of a block on ``device``: synchronised, with
-    ``torch.cuda.max_memory_allocated`` reset at its start on CUDA; seconds only elsewhere."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    def sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    @contextmanager
-    def part(self, out: dict, key: str):
-        """Writes ``out[key + "_seconds"]`` and ``out[key + "_device_peak_bytes"]`` (None off CUDA)."""
-        self.sync()
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-        started = time.perf_counter()
-        yield
-        self.sync()
-        out[f"{key}_seconds"] = time.perf_counter() - started
-        out[f"{key}_device_peak_bytes"] = torch.cuda.max_memory_allocated(self.device) if self.cuda else None
-
-
-def measure_on_device(family: str, size: int, name: str, device: str, sampling: bool = False,
-                      fractions: tuple[float, ...] = (1.0,), dtype: str = "auto", steps: int = STEPS) -> dict:
-    """One configuration with real random weights on ``device``, as the session runs there (dtype,
-    optimizer and attention "auto"; another ``dtype`` for a test). In order: a sampling of
-    SAMPLED_STEPS steps and a click of KEPT kept steps under FlopCounterMode (FLOPs, and the
-    warm-up); the same two under ``LiveBytes`` (peak of live bytes, and the CUDA allocator's peak
-    of the same run; the click is the second, with the first's optimizer states alive); then,
-    with no mode active, timed: a pair sampled with ``steps`` steps + decode, and one click of a
-    ``steps``-step trajectory per train fraction in ``fractions``."""
-    from ..core.memory import LiveBytes
-    from .synthetic import synthetic_trajectory
-    dev, v, started = torch.device(device), VARIANTS[name], time.perf_counter()
-    clock, live = DeviceClock(dev), LiveBytes(dev.type)
-    row = {"variant": name, "family": family, "size": size, "note": v.note, "fake": False, "device": str(dev),
-           "kept_steps": KEPT, "steps": steps}
-    with tempfile.TemporaryDirectory(prefix="d3po-gpu-memory-") as folder:
-        pipe = build_pipeline(family, device=dev)
-        setup = _official_setup if v.official else _session_setup
-        with setup(pipe, nullcontext(), live, folder, v, size, KEPT, dtype, dev) as run:
-            row.update(runtime_notes=run.notes, dtype=str(pipe.unet.dtype).removeprefix("torch."),
-                       vae_slicing=bool(pipe.vae.use_slicing),
-                       setup_seconds=time.perf_counter() - started)
-            _track_weights(live, pipe, run)
-            lora = [p.detach().clone() for p in run.params]
-            if sampling or name in SAMPLING_ONLY:
-                row["sampling"] = _device_sampling(run, live, clock, steps)
-            if name not in SAMPLING_ONLY:
-                traj = synthetic_trajectory(pipe, size, steps=steps, n=2)
-                row.update(_device_clicks(run, traj, live, clock, fractions, lora))
-                row["lora_changed"] = any(not torch.equal(a, b) for a, b in zip(lora, run.params))
-    row["wall_seconds"] = time.perf_counter() - started
-    return row
-
-
-def _device_sampling(run, live, clock: DeviceClock, steps: int) -> dict:
-    fixed, per_step = _linear_flops(lambda progress: run("sample", steps=SAMPLED_STEPS, progress=progress),
-                                    SAMPLED_STEPS)
-    out = {"flops": fixed + steps * per_step, "flops_fixed": fixed, "flops_per_step": per_step}
-    live.reset_peak()
-    with live, live.tagged("sampling activations"), clock.part(out, "measured"):
-        run("sample", steps=SAMPLED_STEPS)
-    out.update(peak_bytes=live.peak, at_peak=_breakdown(live.at_peak),
-               device_peak_bytes=out.pop("measured_device_peak_bytes"))
-    with clock.part(out, "timed"):
-        run("sample", steps=steps)
-    return out
-
-
-def _device_clicks(run, traj, live, clock: DeviceClock, fractions, initial: list) -> dict:
-    live.track([traj.latents, *traj.cond.values()], "trajectory")     # host tensors on a GPU: not counted
-    failed: list[str] = []
-    fixed, per_step = _linear_flops(lambda progress: _click(run, traj, failed, initial, progress=progress), STEPS)
-    out = {"flops_fixed": fixed, "flops_per_kept_step": per_step}
-    live.reset_peak()
-    with live, live.tagged("update"), clock.part(out, "measured"):
-        _click(run, traj, failed, initial)
-    out.update(peak_bytes=live.peak, at_peak=_breakdown(live.at_peak),
-               device_peak_bytes=out.pop("measured_device_peak_bytes"), timed=[])
-    for fraction in fractions:
-        timed, seen = {"train_fraction": fraction}, []
-        with clock.part(timed, "update"):
-            _click(run, traj, failed, initial, progress=lambda i, n: seen.append(n), fraction=fraction)
-        out["timed"].append({**timed, "kept_steps": seen[-1] if seen else 0})
-    return {**out, "failed_clicks": failed}
-
-
-def _click(run, traj, failed: list, initial: list, **kw) -> None:
-    """One update. A non-finite loss or step (possible with fp16 weights) is recorded, the LoRA
-    set back to ``initial`` if the step made it non-finite, and the measurement goes on: the
-    forwards and backwards ran either way; only that click's optimizer step is missing."""
-    try:
-        run("update", traj, **kw)
-    except FloatingPointError as e:
-        failed.append(str(e))
-        with torch.no_grad():
-            for p, p0 in zip(run.params, initial):
-                if not torch.isfinite(p).all():
-                    p.copy_(p0)
-
-
-def device_fractions(family: str, name: str) -> tuple[float, ...]:
-    """All kept steps, and for "ours" the family's default train_fraction when it has one."""
-    from ..core.opening import FAMILY_DEFAULTS
-    fraction = FAMILY_DEFAULTS.get(family, {}).get("train_fraction")
-    return (1.0, fraction) if name == "ours" and fraction else (1.0,)
-
-
-def run_on_device(plan: list[tuple[str, str]], device: str, budget_s: float | None = None, log=print,
-                  on_result=None, started: float | None = None, steps: int = STEPS) -> list[dict]:
-    """Each (family:size, variant) with real tensors on ``device``, in order; a row that fails (out
-    of memory or anything else) records its error and the next one runs. A row is skipped when
-    the seconds since ``started`` plus those of its model's previous row would pass ``budget_s``
-    (a later, cheaper row may still run); ``on_result(results so far)`` after each."""
-    import gc
-    started = time.perf_counter() if started is None else started
-    results, last = [], {}          # last: seconds of the latest row of each family:size
-    for key, name in plan:
-        elapsed = time.perf_counter() - started
-        if budget_s is not None and elapsed + last.get(key, 0.0) > budget_s:
-            log(f"{key} {name}: not started, {elapsed:.0f} s + {last.get(key, 0.0):.0f} s (its model's last "
-                f"row) would pass --budget-s {budget_s:g}")
-            continue
-        family, size = key.split(":")
-        row_started = time.perf_counter()
-        try:
-            row = measure_on_device(family, int(size), name, device, sampling=name in WITH_SAMPLING,
-                                    fractions=device_fractions(family, name), steps=steps)
-        except Exception as e:  # noqa: BLE001 - recorded in the row (OOM included); the plan goes on
-            row = {"variant": name, "family": family, "size": int(size), "fake": False, "device": device,
-                   "error": f"{type(e).__name__}: {e}"[:800], "wall_seconds": time.perf_counter() - row_started}
-        gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-        log(f"{key} {name}: {_summary(row)} [{time.perf_counter() - started:.0f} s so far]")
-        last[key] = row.get("wall_seconds", 0.0)
-        results.append(row)
-        if on_result:
-            on_result(results)
-    return results
-
-
-def _summary(row: dict) -> str:
-    if "error" in row:
-        return row["error"]
-    if "timed" not in row:
-        return f"sampling peak {report.gb(row['sampling']['peak_bytes'])} live, " \
-               f"{_gb_or_dash(row['sampling']['device_peak_bytes'])} CUDA"
-    times = ", ".join("%.2f s (%d kept steps)" % (t["update_seconds"], t["kept_steps"]) for t in row["timed"])
-    return (f"update peak {report.gb(row['peak_bytes'])} live, {_gb_or_dash(row['device_peak_bytes'])} CUDA; "
-            f"update {times}" + (f"; sampling {row['sampling']['timed_seconds']:.2f} s" if "sampling" in row else "")
-            + (f"; {len(row['failed_clicks'])} click(s) not finite: {row['failed_clicks'][0]}"
-               if row.get("failed_clicks") else ""))
-
-
-def _gb_or_dash(n_bytes) -> str:
-    return "—" if n_bytes is None else report.gb(n_bytes)
-
-
-def device_markdown(results: list[dict], command: str, environment: dict) -> str:
-    """Memory and seconds measured on the device, beside the fake-tensor figures of RESULTS."""
-    fake = {}
-    if RESULTS.exists():
-        fake = {(r["family"], r["size"], r["variant"]): r for r in json.loads(RESULTS.read_text())["results"]}
-    out = [f"## GPU memory and time of a click, measured on {environment['gpu']}\n",
-           f"{environment['gpu']}, torch {environment['torch']}, {environment['packages']}. "
-           f"Date: {environment['date']}. Command: `{command}`.\n", DEVICE_INTRO]
-    notes = next((r["runtime_notes"] for r in results if r.get("variant") == "ours" and "runtime_notes" in r), [])
-    if notes:
-        out.append("The session's automatic choices there: " + "; ".join(notes) + ".\n")
-    out += _device_memory_table(results, fake) + _device_time_table(results)
-    errors = [f"- {_model(r)}, {r['variant']}: "
-              + (f"`{r['error']}`" if "error" in r else
-                 f"{len(r['failed_clicks'])} click(s) not stepped (`{r['failed_clicks'][0]}`)")
-              for r in results if "error" in r or r.get("failed_clicks")]
-    return "\n".join(out + (["Rows that failed, or clicks whose loss or step was not finite:\n", *errors, ""]
-                            if errors else []))
-
-
-DEVICE_INTRO = (
-    "Real tensors with random weights (built on the GPU from the shipped configs, cast as `Session.open` "
-    "casts them), the same code and plan as the fake-tensor section: a pair with CFG 5 at the native size; "
-    "the update's peak is that of a second click (the first click's optimizer states alive), with "
-    f"{KEPT} kept steps (one step's graph at a time, so 20 kept steps peak the same: the timed click's "
-    "peak shows it). CUDA peak = `torch.cuda.max_memory_allocated` over the part, reset at its start; "
-    "live bytes = `core.memory.LiveBytes` in the same run; fake = the fake-tensor figure below (for "
-    "ours' sampling that of ours-vae-slicing: `Session.open` now decodes one image at a time). "
-    "Seconds: wall clock between `torch.cuda.synchronize` calls, after a warm-up, without any "
-    "dispatch mode active.\n")
-
-
-def _device_memory_table(results: list[dict], fake: dict) -> list[str]:
-    head = ["model", "config", "what", "CUDA peak", "live bytes (real)", "live bytes (fake)", "fake ÷ CUDA",
-            "CUDA ÷ official", "optimizer states at peak"]
-    rows = []
-    for r in (r for r in results if "error" not in r):
-        official = _official_of(r, results) or {}
-        fake_update = fake.get((r["family"], r["size"], r["variant"]), {})
-        fake_sampling = fake.get((r["family"], r["size"], "ours-vae-slicing" if r["variant"] == "ours"
-                                  else r["variant"]), {}).get("sampling", {})
-        parts = [("update", r if "timed" in r else None, official, fake_update),
-                 ("sampling a pair", r.get("sampling"), official.get("sampling"), fake_sampling)]
-        for what, part, of, fk in parts:
-            if part:
-                rows.append([_model(r), r["variant"], what, *_peaks(part, of, fk),
-                             report.gb(part["at_peak"]["optimizer states"]) if what == "update" else ""])
-    return ["### Peak memory\n", report.table(head, rows), ""] if rows else []
-
-
-def _model(r: dict) -> str:
-    return f"{LABELS.get(r['family'], r['family'])} at {r['size']} px"
-
-
-def _official_of(r: dict, results: list[dict]) -> dict | None:
-    return next((o for o in results if "error" not in o and o["variant"] == "official"
-                 and (o["family"], o["size"]) == (r["family"], r["size"])), None)
-
-
-def _peaks(part: dict, official: dict | None, fake: dict) -> list[str]:
-    """CUDA peak, live bytes, fake live bytes, fake ÷ CUDA, CUDA ÷ official's CUDA."""
-    cuda, fake_peak = part["device_peak_bytes"], fake.get("peak_bytes")
-    of = (official or {}).get("device_peak_bytes")
-    return [f"**{_gb_or_dash(cuda)}**", report.gb(part["peak_bytes"]), _gb_or_dash(fake_peak),
-            f"{fake_peak / cuda:.2f}" if cuda and fake_peak else "—", f"{cuda / of:.2f}×" if cuda and of else "—"]
-
-
-def _device_time_table(results: list[dict]) -> list[str]:
-    head = ["model", "config", "sampling a pair (steps + decode)", "update, kept steps", "seconds",
-            "TFLOP", "TFLOP/s achieved", "÷ official", f"{CARD['name']} estimate"]
-    rows = []
-    for r in (r for r in results if "error" not in r):
-        official_timed = (_official_of(r, results) or {}).get("timed", [])
-        if "timed" not in r:                     # a sampling-only row
-            rows.append([_model(r), r["variant"], f"{r['sampling']['timed_seconds']:.2f} s ({r.get('steps', STEPS)})",
-                         "—", "", "", "", "", ""])
-        for i, t in enumerate(r.get("timed", [])):
-            flops, seconds = update_flops(r, t["kept_steps"]), t["update_seconds"]
-            base = next((o["update_seconds"] for o in official_timed if o["kept_steps"] == t["kept_steps"]), None)
-            sampling = f"{r['sampling']['timed_seconds']:.2f} s ({r.get('steps', STEPS)})" \
-                if "sampling" in r and i == 0 else ""
-            kept = f"{t['kept_steps']} (train_fraction {t['train_fraction']:g})"
-            rows.append([_model(r), r["variant"], sampling, kept, f"**{seconds:.2f} s**", f"{flops / 1e12:.0f}", f"{flops / seconds / 1e12:.0f}",
-                         f"{seconds / base:.2f}×" if base else "—", f"{gpu_seconds(flops):.1f} s"])
-    return ["### Seconds\n", "TFLOP counted by `FlopCounterMode` in the warm-up runs (matmuls, convolutions, "
-            "attention); the estimate is what the fake-tensor section's method gives for "
-            f"{CARD['name']} ({CARD['utilisation']:.0%} of its fp16 dense peak).\n",
-            report.table(head, rows), ""] if rows else []
-
-
-def device_environment(device: str) -> dict:
-    import importlib.metadata as md
-    dev = torch.device(device)
-    gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{dev.type} (no GPU)"
-    packages = []
-    for name in ("diffusers", "transformers", "bitsandbytes", "peft"):
-        try:
-            packages.append(f"{name} {md.version(name)}")
-        except md.PackageNotFoundError:
-            packages.append(f"no {name}")
-    return {"gpu": gpu, "torch": torch.__version__, "packages": ", ".join(packages),
-            "date": time.strftime("%Y-%m-%d")}
-
-
-def write_device(results: list[dict], command: str, environment: dict, doc, results_path) -> None:
-    """The device run's JSON, and the "gpu_memory" section of ``doc``: the device's tables, then
-    the fake-tensor ones of RESULTS."""
-    Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "environment": environment, "card": CARD, "results": results}
-    Path(results_path).write_text(json.dumps(payload, indent=1))
-    text = device_markdown(results, command, environment)
-    if RESULTS.exists():
-        fake = json.loads(RESULTS.read_text())
-        text += "\n" + markdown(fake["results"], fake["command"])
-    report.write_section("gpu_memory", text, doc)
-
-
-# ------------------------------------------------------------------ the report
-def update_flops(row: dict, kept_steps: int) -> float:
-    """FLOPs of a whole update that trains ``kept_steps`` kept steps (measured per kept step)."""
-    return row["flops_fixed"] + kept_steps * row["flops_per_kept_step"]
-
-
-def max_kept_steps(row: dict, seconds: float) -> int:
-    """The most kept steps whose update stays within ``seconds`` on ``CARD`` (estimate)."""
-    budget = seconds * CARD["fp16_dense_tflops"] * 1e12 * CARD["utilisation"] - row["flops_fixed"]
-    return max(0, int(budget // row["flops_per_kept_step"]))
-
-
-def measured_constants(results: list[dict]) -> dict:
-    """``core.memory.MEASURED`` from the rows measured at each family's native size: the update of
-    "ours", its sampling as shipped (the VAE decoding one image at a time; rows measured before
-    ``Session.open`` did it give way to ours-vae-slicing), and the text encoders' bytes, which
-    ours-encoders-off moves off for the decode."""
-    out = {}
-    for family, size in NATIVE.items():
-        by = {r["variant"]: r for r in results if r["family"] == family and r["size"] == size}
-        ours = by.get("ours")
-        smp = shipped_sampling(by)
-        if not ours or smp is None:
-            continue
-        b = ours["at_peak"]
-        weights = b["UNet"] + b["LoRA"] + b["LoRA grads"] + b["optimizer states"]
-        encoders = smp["at_peak"]["text encoders + VAE"]
-        update = {key: by[name]["peak_bytes"] - weights for name, key in
-                  (("ours", (True, "joint")), ("ours-split", (True, "split")),
-                   ("ours-no-checkpointing", (False, "joint"))) if name in by}
-        out[family] = {"size": size, "weights": weights, "encoders": encoders, "sampling": _activations(smp),
-                       "update": update}
-        denoise = by.get("ours-no-decode", {}).get("sampling")
-        if denoise:
-            out[family]["denoise"] = _activations(denoise)
-        off = by.get("ours-encoders-off", {}).get("sampling")
-        if off:
-            out[family]["text_encoders"] = encoders - off["at_peak"]["text encoders + VAE"]
-    return out
-
-
-def _activations(sampling: dict) -> int:
-    """A sampling peak less the weights live at it: UNet, LoRA, text encoders and VAE."""
-    b = sampling["at_peak"]
-    return sampling["peak_bytes"] - b["UNet"] - b["LoRA"] - b["text encoders + VAE"]
-
-
-def shipped_sampling(by: dict[str, dict]) -> dict | None:
-    """The sampling measurement of the configuration as shipped, among rows by variant name."""
-    for name in ("ours", "ours-vae-slicing"):
-        r = by.get(name)
-        if r and "sampling" in r and sliced(r):
-            return r["sampling"]
-    return None
-
-
-def sliced(row: dict) -> bool:
-    """Whether the row's VAE decoded one image at a time (recorded since Session.open does it)."""
-    return row.get("vae_slicing", VARIANTS[row["variant"]].vae_slicing)
-
-
 def run_plan(plan: dict[str, list[str]], log=print, on_result=None) -> list[dict]:
     """Each (family:size, variant) in this process, one after the other; sampling with "ours"."""
     results = []
@@ -759,130 +407,6 @@ def run_plan(plan: dict[str, list[str]], log=print, on_result=None) -> list[dict
     return results
 
 
-def markdown(results: list[dict], command: str) -> str:
-    """The "gpu_memory" section: per model, the variants side by side, then FLOPs and seconds."""
-    out = [f"## GPU memory of a click, measured with fake tensors\n\nMachine: {report.machine()}. "
-           f"Date: {time.strftime('%Y-%m-%d')}. Command: `{command}`.\n", INTRO]
-    for key in dict.fromkeys(f"{r['family']}:{r['size']}" for r in results):
-        rows = [r for r in results if f"{r['family']}:{r['size']}" == key]
-        out += _memory_table(rows)
-    out += _estimate_check(results)
-    out += _time_table([r for r in results if r["variant"] == "ours" and "flops_fixed" in r])
-    return "\n".join(out)
-
-
-INTRO = (
-    "Peak of live tensor bytes (`core.memory.LiveBytes`) of the project's own code on full-size "
-    "pipelines built from the shipped configs with fake tensors (fp16 weights, fp32 VAE and LoRA; fake "
-    "CPU tensors standing for the GPU, see `bench/gpu_memory.py`): a session's update of one pair with "
-    f"CFG 5 at the native size, two clicks (the optimizer states of the first alive in the second), "
-    f"{KEPT} kept steps per click (one step's graph at a time, so a 20-step update peaks the same). "
-    "Peak = what torch's CUDA allocator would have to hold, without fragmentation and without the "
-    "CUDA context (≈ 0.3–0.5 GB more in nvidia-smi). \"at the peak\" splits it by owner; activations "
-    "= every other live tensor (the graph saved for backward, attention and temporaries).\n")
-
-
-def _memory_table(rows: list[dict]) -> list[str]:
-    family, size = rows[0]["family"], rows[0]["size"]
-    by = {r["variant"]: r for r in rows}
-    official, ours = by.get("official"), by.get("ours")
-    head = ["what runs", "config", "peak", "UNet + LoRA", "text enc. + VAE", "ref. copy", "grads + opt. states",
-            "activations", "÷ official", "what"]
-    table = [_row("update (2 clicks)", r, official) for r in rows if "peak_bytes" in r]
-    table += [_row("sampling a pair", {**r["sampling"], "variant": r["variant"], "note": r["note"] if
-                                       r["variant"] != "ours" else _sampling_note(r)}, None)
-              for r in rows if "sampling" in r]
-    lines = [f"### {LABELS.get(family, family)} at {size}×{size} px\n", report.table(head, table), ""]
-    if ours and official:
-        lines.append(f"Update, ours ÷ official: **{ours['peak_bytes'] / official['peak_bytes']:.2f}×** of the peak.")
-    savings = [f"{VARIANTS[n].note}: {_signed(by[n]['peak_bytes'] - ours['peak_bytes'])}"
-               for n in by if ours and n.startswith("ours-") and "peak_bytes" in by[n]]
-    if savings:
-        lines.append("Each saving of the update, as the peak with it undone − ours: " + "; ".join(savings) + ".")
-    vae = [f"{VARIANTS[n].note.removeprefix('+ ')}: "
-           f"{_signed(by[n]['sampling']['peak_bytes'] - by[VARIANTS[n].baseline]['sampling']['peak_bytes'])}"
-           + (f" (against {VARIANTS[n].baseline})" if VARIANTS[n].baseline != "ours" else "")
-           for n in SAMPLING_ONLY if n in by and VARIANTS[n].decode and "sampling" in by.get(VARIANTS[n].baseline, {})]
-    if vae:
-        lines.append("Each saving of the sampling peak against ours: " + "; ".join(vae) + ".")
-    return lines + [""]
-
-
-def _sampling_note(r: dict) -> str:
-    if sliced(r):
-        return f"{STEPS} steps + VAE decode of 2 images, one at a time"
-    return (f"{STEPS} steps + VAE decode of 2 images at once (measured before `Session.open` sliced the "
-            "decode: as shipped = ours-vae-slicing)")
-
-
-def _row(what: str, r: dict, official: dict | None) -> list:
-    b = r["at_peak"]
-    return [what, r["variant"], f"**{report.gb(r['peak_bytes'])}**", report.gb(b["UNet"] + b["LoRA"]),
-            report.gb(b["text encoders + VAE"]), report.gb(b["reference UNet copy"]),
-            report.gb(b["LoRA grads"] + b["optimizer states"]), report.gb(b["activations"] + b["trajectory"]),
-            f"{r['peak_bytes'] / official['peak_bytes']:.2f}×" if official else "—", r["note"]]
-
-
-def _estimate_check(results: list[dict]) -> list[str]:
-    """``core.memory.estimate_bytes`` from the native-size rows against measurements at other
-    sizes: the update of "ours", the sampling as shipped (``shipped_sampling``)."""
-    from ..core.memory import estimate_bytes
-    measured = measured_constants(results)
-    rows = []
-    for key in dict.fromkeys((r["family"], r["size"]) for r in results):
-        family, size = key
-        if size == NATIVE.get(family) or family not in measured:
-            continue
-        by = {r["variant"]: r for r in results if (r["family"], r["size"]) == key}
-        est = estimate_bytes(family, size, size, measured=measured)
-        for part, got in (("update", by.get("ours", {}).get("peak_bytes")),
-                          ("sampling", (shipped_sampling(by) or {}).get("peak_bytes"))):
-            if got:
-                rows.append([f"{LABELS.get(family, family)} at {size} px, {part}", report.gb(est[part]),
-                             report.gb(got), f"{est[part] / got - 1:+.0%}"])
-    if not rows:
-        return []
-    return ["### The fit warning's estimate against a measurement at another size\n",
-            "`core.memory.estimate_bytes` (used by `fit_warning`) scales the activations measured at the "
-            "native size by the pixel count, an update's only upward (they do not shrink in proportion):\n",
-            report.table(["what", "estimate", "measured", "error"], rows), ""]
-
-
-def _signed(n_bytes: float) -> str:
-    return ("+" if n_bytes >= 0 else "−") + report.gb(abs(n_bytes))
-
-
-def _time_table(rows: list[dict]) -> list[str]:
-    if not rows:
-        return []
-    out = [f"### Time on a GPU: an ESTIMATE from counted FLOPs\n",
-           f"FLOPs counted by `torch.utils.flop_counter.FlopCounterMode` in the same fake run (matmuls, "
-           f"convolutions and attention; elementwise ops not counted), turned into seconds on an "
-           f"{CARD['name']} at {CARD['utilisation']:.0%} of its fp16 dense peak of "
-           f"{CARD['fp16_dense_tflops']} TFLOPS ({CARD['source']}). An update's FLOPs = fixed part (trust "
-           f"region forwards, optimizer) + kept steps × FLOPs per kept step, both measured. "
-           f"Not measured on a GPU.\n"]
-    head = ["model", "sampling a pair (TFLOP)", "≈ s", "per kept step (TFLOP)", "update, 20 kept steps (TFLOP)",
-            "≈ s", "kept steps within 10 s", "train_fraction for ≤ 10 s"]
-    table = []
-    for r in rows:
-        smp = r.get("sampling", {})
-        full = update_flops(r, STEPS)
-        k = max_kept_steps(r, 10.0)
-        table.append([_model(r),
-                      f"{smp.get('flops', 0) / 1e12:.1f}", f"{gpu_seconds(smp.get('flops', 0)):.1f}",
-                      f"{r['flops_per_kept_step'] / 1e12:.2f}", f"{full / 1e12:.1f}", f"{gpu_seconds(full):.1f}",
-                      str(min(k, STEPS)), f"{min(1.0, k / STEPS):.2f}"])
-    return out + [report.table(head, table), ""]
-
-
-def write_all(results: list[dict], command: str, doc, results_path) -> None:
-    Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "card": CARD, "results": results}
-    Path(results_path).write_text(json.dumps(payload, indent=1))
-    report.write_section("gpu_memory", markdown(results, command), doc)
-
-
 def parse_plan(items: list[str], variants: list[str] | None) -> dict[str, list[str]]:
     from .memory import parse_plan as parse
     families = [*NATIVE, "tiny-sd1", "tiny-sdxl"]
@@ -893,16 +417,11 @@ def parse_plan(items: list[str], variants: list[str] | None) -> dict[str, list[s
     return parse(items, variants, PLAN, VARIANTS)
 
 
-def parse_device_plan(items: list[str] | None, variants: list[str] | None) -> list[tuple[str, str]]:
-    """DEVICE_PLAN, or each ``--plan`` item with ``variants`` (default DEVICE_VARIANTS)."""
-    if not items:
-        return [(key, name) for key, name in DEVICE_PLAN if not variants or name in variants]
-    plan = parse_plan(items, variants or DEVICE_VARIANTS)
-    return [(key, name) for key, names in plan.items() for name in names]
-
-
 def main(argv=None) -> None:
     import sys
+
+    from .gpu_memory_device import DEVICE_RESULTS, main_on_device
+    from .gpu_memory_report import write_all
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--plan", nargs="+", help="family:size items, e.g. sd1:512 sdxl:1024 (default: all of the "
                                               "mode's plan)")
@@ -919,29 +438,13 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     command = "python -m d3po_studio.bench.gpu_memory " + " ".join(argv if argv is not None else sys.argv[1:])
     if a.device:
-        return _main_on_device(a, command.strip())
+        return main_on_device(a, command.strip())
     if a.rewrite:
         payload = json.loads(Path(a.results).read_text())
         write_all(payload["results"], payload["command"], a.doc, a.results)
         return
     run_plan(parse_plan(a.plan or list(PLAN), a.variants),
              on_result=lambda results: write_all(results, command.strip(), a.doc, a.results))
-
-
-def _main_on_device(a, command: str) -> None:
-    import logging
-    started = time.perf_counter()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the auto choices
-    results_path = DEVICE_RESULTS if a.results == str(RESULTS) else Path(a.results)
-    if a.rewrite:
-        payload = json.loads(results_path.read_text())
-        write_device(payload["results"], payload["command"], payload["environment"], a.doc, results_path)
-        return
-    environment = device_environment(a.device)
-    print(f"{environment['gpu']}, torch {environment['torch']}, {environment['packages']}", flush=True)
-    run_on_device(parse_device_plan(a.plan, a.variants), a.device, a.budget_s, started=started, steps=a.steps,
-                  log=lambda line: print(line, flush=True),
-                  on_result=lambda results: write_device(results, command, environment, a.doc, results_path))
 
 
 if __name__ == "__main__":

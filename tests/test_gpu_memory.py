@@ -107,7 +107,8 @@ def test_fit_warning_says_what_to_change(monkeypatch):
 
 def test_measured_figures_are_the_benchmark_results():
     """core.memory.MEASURED (what fit_warning uses) is exactly what bench/gpu_memory.py measured."""
-    from d3po_studio.bench.gpu_memory import RESULTS, measured_constants
+    from d3po_studio.bench.gpu_memory import RESULTS
+    from d3po_studio.bench.gpu_memory_report import measured_constants
     from d3po_studio.core.memory import MEASURED
     results = json.loads(RESULTS.read_text())["results"]
     assert MEASURED and MEASURED == measured_constants(results)
@@ -115,7 +116,8 @@ def test_measured_figures_are_the_benchmark_results():
 
 def test_benchmark_section_renders_from_its_results(tmp_path):
     from d3po_studio.bench import report
-    from d3po_studio.bench.gpu_memory import RESULTS, write_all
+    from d3po_studio.bench.gpu_memory import RESULTS
+    from d3po_studio.bench.gpu_memory_report import write_all
     payload = json.loads(RESULTS.read_text())
     doc = tmp_path / "benchmarks.md"
     write_all(payload["results"], payload["command"], doc, tmp_path / "r.json")
@@ -169,7 +171,7 @@ def test_device_mode_measures_real_tensors_and_writes_after_each_row(tmp_path, c
 
 
 def test_device_plan_records_a_failed_row_goes_on_and_stops_at_the_budget(monkeypatch):
-    from d3po_studio.bench import gpu_memory
+    from d3po_studio.bench import gpu_memory_device as gpu_memory
     calls, saved = [], []
 
     def fake_measure(family, size, name, device, **kw):
@@ -195,7 +197,7 @@ def test_device_plan_records_a_failed_row_goes_on_and_stops_at_the_budget(monkey
 
 
 def test_a_non_finite_click_is_recorded_and_the_lora_set_back():
-    from d3po_studio.bench.gpu_memory import _click
+    from d3po_studio.bench.gpu_memory_device import _click
     p = torch.nn.Parameter(torch.ones(3))
 
     def run(kind, traj, **kw):
@@ -210,7 +212,8 @@ def test_a_non_finite_click_is_recorded_and_the_lora_set_back():
 def test_device_section_puts_cuda_peaks_beside_the_fake_ones(tmp_path):
     """The tables as they come from a GPU (CUDA peaks present), with the fake figures of RESULTS."""
     from d3po_studio.bench import report
-    from d3po_studio.bench.gpu_memory import TAGS, write_device
+    from d3po_studio.bench.gpu_memory import TAGS
+    from d3po_studio.bench.gpu_memory_device import write_device
     at_peak = {tag: 1e8 for tag in TAGS}
 
     def row(variant, cuda, timed, sampling=True):
