@@ -18,13 +18,16 @@ from pathlib import Path
 import torch
 
 from . import report
-from .gpu_memory import (CARD, KEPT, RESULTS, SAMPLED_STEPS, SAMPLING_ONLY, STEPS, VARIANTS,
+from .gpu_memory import (CARD, KEPT, NATIVE, RESULTS, SAMPLED_STEPS, SAMPLING_ONLY, STEPS, VARIANTS,
                          _breakdown, _linear_flops, _official_setup, _session_setup, _track_weights, build_pipeline,
                          gpu_seconds, parse_plan)
 from .gpu_memory_report import _model, markdown, update_flops
 
 DEVICE_RESULTS = RESULTS.with_name("gpu_memory_device.json")
 DEVICE_VARIANTS = ["ours", "official", "ours-split", "ours-no-checkpointing", "ours-adamw32"]
+# The card each family is checked against (issue 12's targets), and what the CUDA context takes of it.
+CARDS_GIB = {"sd1": 8, "sdxl": 12}
+CUDA_CONTEXT = 0.5e9
 WITH_SAMPLING = ("ours", "official")           # rows whose sampling is measured and timed too
 # Most needed first, so that a run stopped by --budget-s or a timeout has them (≈ 200 s on an H200).
 DEVICE_PLAN = [("sdxl:1024", "ours"), ("sd1:512", "ours"), ("sdxl:1024", "official"), ("sd1:512", "official"),
@@ -196,24 +199,48 @@ def _gb_or_dash(n_bytes) -> str:
     return "—" if n_bytes is None else report.gb(n_bytes)
 
 
-def device_markdown(results: list[dict], command: str, environment: dict) -> str:
-    """Memory and seconds measured on the device, beside the fake-tensor figures of RESULTS."""
+def device_markdown(results: list[dict], command: str, environment: dict, runs: list[dict] | None = None,
+                    notes: list[str] | None = None) -> str:
+    """Memory and seconds measured on the device, beside the fake-tensor figures of RESULTS; ``runs``
+    (merged runs: when, which commit, what they skipped) and ``notes`` (paragraphs) from the JSON."""
     fake = {}
     if RESULTS.exists():
         fake = {(r["family"], r["size"], r["variant"]): r for r in json.loads(RESULTS.read_text())["results"]}
     out = [f"## GPU memory and time of a click, measured on {environment['gpu']}\n",
            f"{environment['gpu']}, torch {environment['torch']}, {environment['packages']}. "
-           f"Date: {environment['date']}. Command: `{command}`.\n", DEVICE_INTRO]
-    notes = next((r["runtime_notes"] for r in results if r.get("variant") == "ours" and "runtime_notes" in r), [])
-    if notes:
-        out.append("The session's automatic choices there: " + "; ".join(notes) + ".\n")
-    out += _device_memory_table(results, fake) + _device_time_table(results)
+           f"Date: {environment['date']}. Command: `{command}`.\n", *_runs(runs or [], results, fake), DEVICE_INTRO]
+    choices = next((r["runtime_notes"] for r in results if r.get("variant") == "ours" and "runtime_notes" in r), [])
+    if choices:
+        out.append("The session's automatic choices there: " + "; ".join(choices) + ".\n")
+    out += _device_memory_table(results, fake) + _gap_table(results) + _estimate_against_cuda(results)
+    out += _device_time_table(results) + [f"{note}\n" for note in notes or []]
     errors = [f"- {_model(r)}, {r['variant']}: "
               + (f"`{r['error']}`" if "error" in r else
                  f"{len(r['failed_clicks'])} click(s) not stepped (`{r['failed_clicks'][0]}`)")
               for r in results if "error" in r or r.get("failed_clicks")]
     return "\n".join(out + (["Rows that failed, or clicks whose loss or step was not finite:\n", *errors, ""]
                             if errors else []))
+
+
+def _runs(runs: list[dict], results: list[dict], fake: dict) -> list[str]:
+    """What ran where and when, which rows no run reached (their figures are fake-tensor only)."""
+    if not runs:
+        return []
+    ran = {f"{r['family']}:{r['size']} {r['variant']}" for r in results if "error" not in r}
+    lines = [f"- run {r['run']}, started {r['started']}, code at about commit {r['code']}: `{r['command']}`; "
+             f"{sum(x.get('run') == r['run'] for x in results)} rows" for r in runs]
+    skipped = list(dict.fromkeys(k for r in runs for k in r["skipped"] if k not in ran))
+    unplanned = [f"{family}:{size} {name}" for family, size, name in fake
+                 if f"{family}:{size} {name}" not in ran and f"{family}:{size} {name}" not in skipped
+                 and size == NATIVE.get(family)]
+    return [f"{len(runs)} runs on this GPU, merged (the figures of all rows below are from them):\n", *lines, "",
+            "Not measured on the GPU, so **fake-tensor figures only**: skipped by `--budget-s` in every run that "
+            f"planned them: {', '.join(skipped) or 'none'}; not in the device plan: {', '.join(unplanned) or 'none'} "
+            "(ours' sampling on the GPU decodes one image at a time, the configuration of ours-vae-slicing).\n",
+            "**Which figures are which.** Measured on the GPU: the columns *CUDA peak*, *live bytes (real)* and "
+            "*seconds*, and TFLOP/s achieved. Fake-tensor figures (computed on a CPU without a GPU): the column "
+            "*live bytes (fake)* and every table of the section \"measured with fake tensors\" below. Estimates: "
+            f"seconds on an {CARD['name']} (from counted FLOPs) and `core.memory.estimate_bytes`.\n"]
 
 
 DEVICE_INTRO = (
@@ -259,6 +286,62 @@ def _peaks(part: dict, official: dict | None, fake: dict) -> list[str]:
             f"{fake_peak / cuda:.2f}" if cuda and fake_peak else "—", f"{cuda / of:.2f}×" if cuda and of else "—"]
 
 
+def _gap_table(results: list[dict]) -> list[str]:
+    """CUDA peak − live bytes of the same run, per row and part: memory torch's allocator gave out
+    that no tensor held (workspaces of ops, rounding), per pixel processed at once."""
+    rows = []
+    for r in (r for r in results if "error" not in r):
+        for what, part, images in (("update", r if "timed" in r else None, 1),
+                                   ("sampling a pair", r.get("sampling"), 1 if r.get("vae_slicing") else 2)):
+            if part and part.get("device_peak_bytes"):
+                gap = part["device_peak_bytes"] - part["peak_bytes"]
+                pixels = images * r["size"] ** 2
+                decoded = f"{images} at once" if what != "update" else "—"
+                rows.append([_model(r), r["variant"], what, decoded, report.gb(gap), f"{gap / pixels:,.0f}"])
+    if not rows:
+        return []
+    return ["### CUDA peak beyond the live tensors\n",
+            "CUDA peak − live bytes (real) of the same run: bytes the allocator handed out that no tensor an "
+            "operator returned held (an op's own workspace, allocator rounding). Per pixel = ÷ (image pixels × "
+            "images the VAE decoded at once; for an update, one image's pixels).\n",
+            report.table(["model", "config", "what", "VAE decode", "CUDA − live", "bytes per pixel"], rows), ""]
+
+
+def _estimate_against_cuda(results: list[dict]) -> list[str]:
+    """``core.memory.estimate_bytes`` (the fit warning's, with the CUDA excess) against the CUDA peaks
+    of ours at each family's native size, and what a click needs on a stated card."""
+    from ..core.memory import MEASURED, estimate_bytes, fit_warning
+    rows, verdicts = [], []
+    for r in results:
+        family = r.get("family")
+        if r.get("variant") != "ours" or "error" in r or family not in MEASURED or r["size"] != NATIVE[family]:
+            continue
+        est = estimate_bytes(family, r["size"], r["size"])
+        for what, key, cuda in (("update", "update", r.get("device_peak_bytes")),
+                                ("sampling a pair", "sampling", r.get("sampling", {}).get("device_peak_bytes")),
+                                ("sampling, text encoders on the host for the decode", "sampling_encoders_off", None),
+                                ("a click (the larger of the last and the update)", "click", None)):
+            rows.append([_model(r), what, report.gb(est[key]), _gb_or_dash(cuda),
+                         f"{est[key] / cuda - 1:+.1%}" if cuda else "not measured on a GPU"])
+        gib = CARDS_GIB.get(family)
+        if gib:
+            free = gib * 2 ** 30 - CUDA_CONTEXT
+            warning = fit_warning(family, r["size"], r["size"], free)
+            verdicts.append(f"{_model(r)} on a {gib} GB card ({gib} GiB less {CUDA_CONTEXT / 1e9:.1f} GB for the CUDA "
+                            f"context = {report.gb(free)} free at best): a click needs {report.gb(est['click'])} by the "
+                            f"estimate, {'fits' if warning is None else 'does not fit'}, "
+                            f"{report.gb(abs(free - est['click']))} {'to spare' if warning is None else 'short'}"
+                            f"{'' if warning is None else ': ' + warning}.")
+    if not rows:
+        return []
+    return ["### The fit warning's estimate against the CUDA peaks\n",
+            "`core.memory.estimate_bytes` (what `fit_warning`, the app and the Load node use): the fake-tensor "
+            "live bytes of `core.memory.MEASURED` plus the CUDA excess measured here (`cuda_update`, "
+            "`cuda_decode`), at the defaults (a pair, joint backward, checkpointing):\n",
+            report.table(["model", "what", "estimate", "CUDA peak", "estimate ÷ CUDA − 1"], rows), "",
+            *[f"- {v}" for v in verdicts], ""]
+
+
 def _device_time_table(results: list[dict]) -> list[str]:
     head = ["model", "config", "sampling a pair (steps + decode)", "update, kept steps", "seconds",
             "TFLOP", "TFLOP/s achieved", "÷ official", f"{CARD['name']} estimate"]
@@ -296,13 +379,15 @@ def device_environment(device: str) -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def write_device(results: list[dict], command: str, environment: dict, doc, results_path) -> None:
+def write_device(results: list[dict], command: str, environment: dict, doc, results_path,
+                 runs: list[dict] | None = None, notes: list[str] | None = None) -> None:
     """The device run's JSON, and the "gpu_memory" section of ``doc``: the device's tables, then
-    the fake-tensor ones of RESULTS."""
+    the fake-tensor ones of RESULTS. ``runs`` and ``notes``: kept in the JSON, see device_markdown."""
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "environment": environment, "card": CARD, "results": results}
+    payload = {"command": command, "environment": environment, "card": CARD,
+               **({"runs": runs} if runs else {}), **({"notes": notes} if notes else {}), "results": results}
     Path(results_path).write_text(json.dumps(payload, indent=1))
-    text = device_markdown(results, command, environment)
+    text = device_markdown(results, command, environment, runs, notes)
     if RESULTS.exists():
         fake = json.loads(RESULTS.read_text())
         text += "\n" + markdown(fake["results"], fake["command"])
@@ -325,7 +410,8 @@ def main_on_device(a, command: str) -> None:
     results_path = DEVICE_RESULTS if a.results == str(RESULTS) else Path(a.results)
     if a.rewrite:
         payload = json.loads(results_path.read_text())
-        write_device(payload["results"], payload["command"], payload["environment"], a.doc, results_path)
+        write_device(payload["results"], payload["command"], payload["environment"], a.doc, results_path,
+                     payload.get("runs"), payload.get("notes"))
         return
     environment = device_environment(a.device)
     print(f"{environment['gpu']}, torch {environment['torch']}, {environment['packages']}", flush=True)

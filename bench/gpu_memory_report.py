@@ -10,7 +10,9 @@ import time
 from pathlib import Path
 
 from . import report
-from .gpu_memory import CARD, KEPT, LABELS, NATIVE, SAMPLING_ONLY, STEPS, VARIANTS, gpu_seconds
+from .gpu_memory import CARD, KEPT, LABELS, NATIVE, RESULTS, SAMPLING_ONLY, STEPS, VARIANTS, gpu_seconds
+
+CUDA_RESULTS = RESULTS.with_name("gpu_memory_h200.json")   # the GPU run core.memory.MEASURED takes its CUDA excess from
 
 
 def update_flops(row: dict, kept_steps: int) -> float:
@@ -24,11 +26,12 @@ def max_kept_steps(row: dict, seconds: float) -> int:
     return max(0, int(budget // row["flops_per_kept_step"]))
 
 
-def measured_constants(results: list[dict]) -> dict:
+def measured_constants(results: list[dict], device_results: list[dict] = ()) -> dict:
     """``core.memory.MEASURED`` from the rows measured at each family's native size: the update of
     "ours", its sampling as shipped (the VAE decoding one image at a time; rows measured before
     ``Session.open`` did it give way to ours-vae-slicing), and the text encoders' bytes, which
-    ours-encoders-off moves off for the decode."""
+    ours-encoders-off moves off for the decode; with ``device_results`` (real tensors on a GPU),
+    the CUDA allocator's excess over the live bytes (``cuda_excess``)."""
     out = {}
     for family, size in NATIVE.items():
         by = {r["variant"]: r for r in results if r["family"] == family and r["size"] == size}
@@ -50,7 +53,21 @@ def measured_constants(results: list[dict]) -> dict:
         off = by.get("ours-encoders-off", {}).get("sampling")
         if off:
             out[family]["text_encoders"] = encoders - off["at_peak"]["text encoders + VAE"]
+        out[family].update(cuda_excess(device_results, family, size))
     return out
+
+
+def cuda_excess(device_results: list[dict], family: str, size: int) -> dict[str, int]:
+    """CUDA peak − live bytes of the same run, the largest over ``family``'s rows of the session's
+    code (not the official recipe) at ``size``: of an update ("cuda_update") and of a sampling whose
+    VAE decoded one image at a time ("cuda_decode", its peak is the decode); a key is absent when
+    no such row was measured on a GPU."""
+    rows = [r for r in device_results if (r.get("family"), r.get("size")) == (family, size) and "error" not in r
+            and not VARIANTS[r["variant"]].official]
+    parts = {"cuda_update": [r for r in rows if "timed" in r],
+             "cuda_decode": [r["sampling"] for r in rows if "sampling" in r and r.get("vae_slicing")]}
+    return {key: max(p["device_peak_bytes"] - p["peak_bytes"] for p in found)
+            for key, found in parts.items() if found and all(p.get("device_peak_bytes") for p in found)}
 
 
 def _activations(sampling: dict) -> int:
@@ -158,7 +175,9 @@ def _estimate_check(results: list[dict]) -> list[str]:
         return []
     return ["### The fit warning's estimate against a measurement at another size\n",
             "`core.memory.estimate_bytes` (used by `fit_warning`) scales the activations measured at the "
-            "native size by the pixel count, an update's only upward (they do not shrink in proportion):\n",
+            "native size by the pixel count, an update's only upward (they do not shrink in proportion); here "
+            "from the fake-tensor rows alone, live bytes against live bytes (the fit warning adds the CUDA "
+            "excess measured on a GPU, section above):\n",
             report.table(["what", "estimate", "measured", "error"], rows), ""]
 
 

@@ -165,13 +165,20 @@ def offloaded(pipe, device, names, host="cpu"):
 #   sampling  activations at the sampling peak, the VAE decode (one image at a time, as shipped)
 #   denoise   activations of the denoising steps alone (no graph), a pair with CFG
 #   text_encoders  the text encoders' bytes, moved to the host for the decode when it won't fit
+# and what torch's CUDA allocator held beyond those live tensors in the same run on an NVIDIA H200
+# (torch.cuda.max_memory_allocated − LiveBytes' peak; bench/results/gpu_memory_h200.json):
+#   cuda_update  the largest gap of an update row (0.10–0.24 GB)
+#   cuda_decode  the gap of the sampling, whose peak is the VAE decode of one image (SD 1.5 0.59 GB,
+#                SDXL 2.08 GB: ≈ 2,000 bytes per decoded pixel, outside any tensor; docs/benchmarks.md)
 MEASURED: dict[str, dict] = {
     "sd1": {"size": 512, "weights": 1729231880, "encoders": 580737028, "text_encoders": 246121576,
              "sampling": 812292880, "denoise": 277164832,
-             "update": {(True, "joint"): 1037402076, (True, "split"): 859592044, (False, "joint"): 4262806668}},
+             "update": {(True, "joint"): 1037402076, (True, "split"): 859592044, (False, "joint"): 4262806668},
+             "cuda_update": 118781900, "cuda_decode": 589649012},
     "sdxl": {"size": 1024, "weights": 5172086536, "encoders": 1970057324, "text_encoders": 1635441872,
              "sampling": 3259263564, "denoise": 688151548,
-             "update": {(True, "joint"): 2688235184}},
+             "update": {(True, "joint"): 2688235184},
+             "cuda_update": 240374392, "cuda_decode": 2081855372},
 }
 
 
@@ -184,7 +191,9 @@ def estimate_bytes(family: str, height: int, width: int, *, n: int = 2, backward
     with ``n``, the VAE decode's not (one image at a time). An update's do not shrink in
     proportion below the native size (SD 1.5: 0.66 GB at 256 px, 1.04 GB at 512 px), so they
     scale only up, which overestimates: a warning errs on the safe side. A joint update holds
-    all ``n`` images' graphs, a split one one image's.
+    all ``n`` images' graphs, a split one one image's. The CUDA allocator's measured excess over
+    the live tensors ("cuda_update", "cuda_decode"; 0 when absent) is added to the activations and
+    scales with them; the denoising steps get the update's (the same UNet; not measured alone).
     Returns ``{"sampling", "sampling_encoders_off", "update", "click"}``: sampling with the text
     encoders on the accelerator throughout, or on the host during the decode (as ``Session.sample``
     does when the first would not fit); click = what a click needs, the larger of the latter and
@@ -197,12 +206,13 @@ def estimate_bytes(family: str, height: int, width: int, *, n: int = 2, backward
         raise ValueError(f"family={family!r} has no measurement: use one of {sorted(measured)}")
     scale = height * width / m["size"] ** 2
     key = (gradient_checkpointing, backward)
-    update = m["update"].get(key, m["update"][(gradient_checkpointing, "joint")])
+    update = m["update"].get(key, m["update"][(gradient_checkpointing, "joint")]) + m.get("cuda_update", 0)
     graphs = n / 2 if backward == "joint" else 1.0      # measured on one pair
+    decode = (m["sampling"] + m.get("cuda_decode", 0)) * scale
     if "denoise" in m:
-        denoise, decode = m["denoise"] * scale * n / 2, m["sampling"] * scale
+        denoise = (m["denoise"] * n / 2 + m.get("cuda_update", 0)) * scale
     else:
-        denoise = decode = m["sampling"] * scale * n / 2
+        denoise = decode = decode * n / 2
     on = m["weights"] + m["encoders"]
     out = {"sampling": on + max(denoise, decode),
            "sampling_encoders_off": on + max(denoise, decode - m.get("text_encoders", 0)),

@@ -105,13 +105,49 @@ def test_fit_warning_says_what_to_change(monkeypatch):
     assert "even 256 px" in memory.fit_warning("sd1", 512, 512, free_bytes=1e9)
 
 
+def test_estimate_adds_the_cuda_excess_to_the_activations_it_was_measured_with():
+    """cuda_update on the update's activations and the denoising steps', cuda_decode on the decode's;
+    both scale with the pixels as the activations do."""
+    from d3po_studio.core import memory
+    m = {"sd1": {**FAKE_MEASURED["sd1"], "sampling": 1e9, "denoise": 0.2e9, "text_encoders": 0.3e9,
+                 "cuda_update": 0.1e9, "cuda_decode": 0.5e9}}
+    est = memory.estimate_bytes("sd1", 512, 512, measured=m)
+    assert est["sampling"] == 2.5e9 + 1.5e9 and est["sampling_encoders_off"] == 2.5e9 + 1.2e9
+    assert est["update"] == 2e9 + 2.1e9 and est["click"] == 4.1e9
+    assert memory.estimate_bytes("sd1", 256, 256, measured=m)["sampling"] == 2.5e9 + 1.5e9 / 4
+    assert memory.estimate_bytes("sd1", 512, 512, n=20, measured=m)["sampling"] == 2.5e9 + 2e9 + 0.1e9
+
+
 def test_measured_figures_are_the_benchmark_results():
-    """core.memory.MEASURED (what fit_warning uses) is exactly what bench/gpu_memory.py measured."""
+    """core.memory.MEASURED (what fit_warning uses) is exactly what bench/gpu_memory.py measured with
+    fake tensors, plus the CUDA excess of the H200 run (bench/results/gpu_memory_h200.json)."""
     from d3po_studio.bench.gpu_memory import RESULTS
-    from d3po_studio.bench.gpu_memory_report import measured_constants
+    from d3po_studio.bench.gpu_memory_report import CUDA_RESULTS, measured_constants
     from d3po_studio.core.memory import MEASURED
     results = json.loads(RESULTS.read_text())["results"]
-    assert MEASURED and MEASURED == measured_constants(results)
+    device = json.loads(CUDA_RESULTS.read_text())["results"]
+    assert MEASURED and MEASURED == measured_constants(results, device)
+    assert all({"cuda_update", "cuda_decode"} <= set(m) for m in MEASURED.values())
+
+
+def test_the_estimate_does_not_under_promise_the_cuda_peaks_measured_on_the_h200():
+    """At each family's native size, the estimate of ours' update and sampling is at or above the
+    CUDA allocator's peak measured on the GPU, and within 1% of it; SDXL at 1024 px then fits a 12 GB
+    card only with the text encoders off the GPU during the decode (Session.sample does it)."""
+    from d3po_studio.bench.gpu_memory_report import CUDA_RESULTS
+    from d3po_studio.core import memory
+    rows = [r for r in json.loads(CUDA_RESULTS.read_text())["results"] if r["variant"] == "ours"
+            and r["family"] in memory.MEASURED]
+    assert {r["family"] for r in rows} == {"sd1", "sdxl"}
+    for r in rows:
+        est = memory.estimate_bytes(r["family"], r["size"], r["size"])
+        for key, cuda in (("update", r["device_peak_bytes"]), ("sampling", r["sampling"]["device_peak_bytes"])):
+            assert cuda <= est[key] <= 1.01 * cuda, (r["family"], key, est[key], cuda)
+    sdxl = memory.estimate_bytes("sdxl", 1024, 1024)
+    card = 12 * 2 ** 30 - 0.5e9                          # a 12 GB card less the CUDA context
+    assert sdxl["sampling"] > card > sdxl["click"] == sdxl["sampling_encoders_off"] > sdxl["update"]
+    assert memory.fit_warning("sdxl", 1024, 1024, card) is None
+    assert memory.fit_warning("sdxl", 1024, 1024, 10e9).startswith("A click on sdxl at 1024×1024 px")
 
 
 def test_benchmark_section_renders_from_its_results(tmp_path):
@@ -231,8 +267,15 @@ def test_device_section_puts_cuda_peaks_beside_the_fake_ones(tmp_path):
     del encoders_off["timed"], encoders_off["peak_bytes"], encoders_off["device_peak_bytes"]
     rows.append({**encoders_off, "sampling": {**encoders_off["sampling"], "device_peak_bytes": 8.5e9}})
     env = {"gpu": "NVIDIA H200", "torch": "2.11.0+cu130", "packages": "diffusers 0.42.1", "date": "2026-11-26"}
-    write_device(rows, "cmd", env, tmp_path / "d.md", tmp_path / "d.json")
+    runs = [{"run": 1, "started": "2026-11-26 03:56 UTC", "code": "abc1234", "command": "c1",
+             "skipped": ["sdxl:1024 ours-split", "sd1:512 official"]}]              # ours-split ran in another run
+    write_device(rows, "cmd", env, tmp_path / "d.md", tmp_path / "d.json", runs, ["**A note.** Its text."])
     section = report.read_section("gpu_memory", tmp_path / "d.md")
+    assert "- run 1, started 2026-11-26 03:56 UTC, code at about commit abc1234: `c1`" in section
+    assert "in every run that planned them: sd1:512 official;" in section and "**A note.** Its text." in section
+    assert "| SDXL at 1024 px | ours | sampling a pair | 2 at once | 1.00 GB | 477 |" in section   # 1e9 / 2 / 1024²
+    assert "| SDXL at 1024 px | update | 8.10 GB | 8.00 GB | +1.3% |" in section            # core.memory's estimate
+    assert "SDXL at 1024 px on a 12 GB card" in section and "**Which figures are which.**" in section
     assert "measured on NVIDIA H200" in section and "torch 2.11.0+cu130" in section
     assert "| SDXL at 1024 px | ours | update | **8.00 GB** | 7.92 GB | 7.86 GB | 0.98 | 0.12× |" in section
     assert "| SDXL at 1024 px | ours | sampling a pair | **10.00 GB** | 9.00 GB | 10.39 GB | 1.04 | 1.00× |" in section
@@ -241,6 +284,7 @@ def test_device_section_puts_cuda_peaks_beside_the_fake_ones(tmp_path):
     assert "| SDXL at 1024 px | ours-encoders-off | sampling a pair | **8.50 GB** | 9.00 GB | 8.75 GB | 1.03 |" in section
     assert "| SDXL at 1024 px | ours-encoders-off | 2.00 s (20) | — |" in section
     assert json.loads((tmp_path / "d.json").read_text())["environment"] == env
+    assert json.loads((tmp_path / "d.json").read_text())["runs"] == runs
     from d3po_studio.bench.gpu_memory import main
     (tmp_path / "d.md").unlink()
     main(["--device", "cuda", "--rewrite", "--results", str(tmp_path / "d.json"), "--doc", str(tmp_path / "d.md")])
