@@ -327,11 +327,11 @@ def _estimate_against_cuda(results: list[dict]) -> list[str]:
         if gib:
             free = gib * 2 ** 30 - CUDA_CONTEXT
             warning = fit_warning(family, r["size"], r["size"], free)
-            verdicts.append(f"{_model(r)} on a {gib} GB card ({gib} GiB less {CUDA_CONTEXT / 1e9:.1f} GB for the CUDA "
-                            f"context = {report.gb(free)} free at best): a click needs {report.gb(est['click'])} by the "
-                            f"estimate, {'fits' if warning is None else 'does not fit'}, "
-                            f"{report.gb(abs(free - est['click']))} {'to spare' if warning is None else 'short'}"
-                            f"{'' if warning is None else ': ' + warning}.")
+            verdict = f"fits, {report.gb(free - est['click'])} to spare" if warning is None else \
+                f"does not fit, {report.gb(est['click'] - free)} short: {warning}"
+            verdicts.append(f"{_model(r)} on a {gib} GB card ({gib} GiB less {CUDA_CONTEXT / 1e9:.1f} GB for "
+                            f"the CUDA context = {report.gb(free)} free at best): a click needs "
+                            f"{report.gb(est['click'])} by the estimate, {verdict}.")
     if not rows:
         return []
     return ["### The fit warning's estimate against the CUDA peaks\n",
