@@ -165,7 +165,7 @@ def offloaded(pipe, device, names, host="cpu"):
 #   sampling  activations at the sampling peak, the VAE decode (one image at a time, as shipped)
 #   denoise   activations of the denoising steps alone (no graph), a pair with CFG
 #   text_encoders  the text encoders' bytes, moved to the host for the decode when it won't fit
-# and what torch's CUDA allocator held beyond those live tensors in the same run on an NVIDIA H200
+# and what torch's CUDA allocator held beyond the live tensors of a real run on an NVIDIA H200
 # (torch.cuda.max_memory_allocated − LiveBytes' peak; bench/results/gpu_memory_h200.json):
 #   cuda_update  the largest gap of an update row (0.10–0.24 GB)
 #   cuda_decode  the gap of the sampling, whose peak is the VAE decode of one image (SD 1.5 0.59 GB,
