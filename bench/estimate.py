@@ -88,10 +88,11 @@ def estimate(rows: dict[str, dict], family: str) -> dict[str, dict[str, float]]:
 
 def markdown(results: list[dict]) -> str:
     out = ["## GPU memory scaled from CPU RSS: the old ESTIMATE, kept as a cross-check\n",
-           "Superseded by the fake-tensor measurement at native size (section \"GPU memory of a click, "
-           "measured with fake tensors\" above, `bench/gpu_memory.py`): scaling the whole 256 px RSS "
-           "update part by the pixel ratio overstates the activations. "
-           "No GPU was available. Peak GPU memory of one update with fp16 weights, built from parts: "
+           "Superseded by the measurements at native size (sections \"GPU memory and time of a click, "
+           "measured on NVIDIA H200\" and \"GPU memory of a click, measured with fake tensors\" above, "
+           "`bench/gpu_memory.py`): scaling the whole 256 px RSS update part by the pixel ratio overstates "
+           "the activations (SDXL update: 32 GB here, 8.07 GB measured on the H200). "
+           "Made when no GPU was available. Peak GPU memory of one update with fp16 weights, built from parts: "
            "fp16 weights counted from the published configs (UNet, the reference copy where there is "
            "one, and the text encoder(s) + VAE that the app keeps loaded); LoRA weights + gradients (fp32) "
            "+ optimizer states (8-bit: 2 B/param, 32-bit: 8 B/param); activations of one kept step = "
