@@ -117,15 +117,17 @@ class Session:
             session._note(warning)
         return session
 
-    def memory_warning(self, n: int = 2) -> str | None:
-        """What to change when a click of ``n`` images at this session's size is estimated not to
-        fit the free memory of its GPU (core/memory.py, measured figures); None when it fits, on a
-        CPU, and for the embedded model (whose family's figures are a full-size model's)."""
+    def memory_warning(self, n: int = 2, height: int | None = None, width: int | None = None) -> str | None:
+        """What to change when a click of ``n`` images at this session's size (or ``height`` ×
+        ``width``, a size chosen for one batch) is estimated not to fit the free memory of its GPU
+        (core/memory.py, measured figures); None when it fits, on a CPU, and for the embedded model
+        (whose family's figures are a full-size model's)."""
         from .memory import device_free_bytes, fit_warning
         if self.meta["model"] == "embedded":
             return None
         s = self.settings
-        return fit_warning(self.meta["family"], s.height, s.width, device_free_bytes(self.runtime.device), n=n,
+        return fit_warning(self.meta["family"], height or s.height, width or s.width,
+                           device_free_bytes(self.runtime.device), n=n,
                            backward=s.backward, gradient_checkpointing=s.gradient_checkpointing)
 
     def close(self, cancel: bool = False) -> list[dict]:

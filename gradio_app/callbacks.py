@@ -292,8 +292,12 @@ class Callbacks:
         """gallery (nothing pre-selected), seed, status for a freshly sampled batch."""
         rdir = session.folder.round_dir(batch.id)
         items = [(str(rdir / f"image_{i}.png"), f"#{i + 1}") for i in range(batch.n)]
-        return (gr.Gallery(value=items, columns=batch.n, selected_index=None), batch.seed,
-                f"{note} {views.ask(batch.seed)}".strip())
+        status = f"{note} {views.ask(batch.seed)}".strip()
+        # before this batch's update runs: does a click at the size just chosen fit the GPU?
+        warning = session.memory_warning(batch.n, batch.sampling.get("height"), batch.sampling.get("width"))
+        if warning:
+            status = f"**GPU memory:** {warning} {status}"
+        return (gr.Gallery(value=items, columns=batch.n, selected_index=None), batch.seed, status)
 
     def _new_session_menus(self, session):
         """sessions list (with this one chosen), resolution menu for this model."""

@@ -209,3 +209,26 @@ def _wait_until(condition, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.1)
+
+
+def test_a_click_that_would_not_fit_the_gpu_is_said_before_its_update(server, monkeypatch):
+    """Issue 12: with each new batch the app asks the session whether a click at the size just
+    chosen fits the GPU's free memory (core/memory.py's estimate; on this CPU there is no GPU, so
+    the estimate is replaced here by a fixed answer) and puts what to change above the status."""
+    from d3po_studio.core.session import Session
+    asked = []
+    advice = "A click on sdxl at 1024×1024 px with 2 images needs about 10.9 GB: set backward='split'."
+
+    def too_big(self, n=2, height=None, width=None):
+        asked.append((n, height, width))
+        return advice
+    monkeypatch.setattr(Session, "memory_warning", too_big)
+    demo, root, model = server
+    c = new_client(demo, "fits")
+    status = c.predict(**{**SAMPLING, "resolution": "native"}, api_name="/sample")[2]   # gallery, seed, status
+    assert status.startswith(f"**GPU memory:** {advice}") and "seed 5" in status.lower()
+    native = 64 if model == "embedded" else asked[-1][1]
+    assert asked[-1] == (2, native, native)
+    monkeypatch.setattr(Session, "memory_warning", lambda self, n=2, height=None, width=None: None)
+    status = c.predict(**SAMPLING, api_name="/sample")[2]
+    assert "GPU memory" not in status
