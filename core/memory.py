@@ -179,6 +179,12 @@ MEASURED: dict[str, dict] = {
              "sampling": 3259263564, "denoise": 688151548,
              "update": {(True, "joint"): 2688235184},
              "cuda_update": 240374392, "cuda_decode": 2081855372},
+    # SD 2.1: no denoise-alone row (the whole sampling then scales with n, which errs on the safe
+    # side); text_encoders = the OpenCLIP-H text encoder's fp16 parameters, counted from its config
+    "sd2": {"size": 768, "weights": 1741753352, "encoders": 1015391748, "text_encoders": 680775680,
+            "sampling": 1823559440,
+            "update": {(True, "joint"): 1957805020, (True, "split"): 1638268780, (False, "joint"): 9168814988},
+            "cuda_update": 105679660, "cuda_decode": 1150424180},
 }
 
 
