@@ -177,12 +177,11 @@ MEASURED: dict[str, dict] = {
              "cuda_update": 118781900, "cuda_decode": 589649012},
     "sdxl": {"size": 1024, "weights": 5172086536, "encoders": 1970057324, "text_encoders": 1635441872,
              "sampling": 3259263564, "denoise": 688151548,
-             "update": {(True, "joint"): 2688235184},
+             "update": {(True, "joint"): 2688235184, (True, "split"): 2688235184, (False, "joint"): 31426204056},
              "cuda_update": 240374392, "cuda_decode": 2081855372},
-    # SD 2.1: no denoise-alone row (the whole sampling then scales with n, which errs on the safe
-    # side); text_encoders = the OpenCLIP-H text encoder's fp16 parameters, counted from its config
-    "sd2": {"size": 768, "weights": 1741753352, "encoders": 1015391748, "text_encoders": 680775680,
-            "sampling": 1823559440,
+    # SD 2.1: no denoise-alone nor encoders-off row: the whole sampling scales with n and no text
+    # encoder move is counted, which errs on the safe side
+    "sd2": {"size": 768, "weights": 1741753352, "encoders": 1015391748, "sampling": 1823559440,
             "update": {(True, "joint"): 1957805020, (True, "split"): 1638268780, (False, "joint"): 9168814988},
             "cuda_update": 105679660, "cuda_decode": 1150424180},
 }

@@ -138,7 +138,7 @@ def test_the_estimate_does_not_under_promise_the_cuda_peaks_measured_on_the_h200
     from d3po_studio.core import memory
     rows = [r for r in json.loads(CUDA_RESULTS.read_text())["results"] if r["variant"] == "ours"
             and r["family"] in memory.MEASURED]
-    assert {r["family"] for r in rows} == {"sd1", "sdxl"}
+    assert {r["family"] for r in rows} == {"sd1", "sd2", "sdxl"}
     for r in rows:
         est = memory.estimate_bytes(r["family"], r["size"], r["size"])
         for key, cuda in (("update", r["device_peak_bytes"]), ("sampling", r["sampling"]["device_peak_bytes"])):
