@@ -40,6 +40,7 @@ class Settings:
     reduction: str = "sum"          # log-prob over latent elements: "sum" (default) or "mean" (official)
     train_fraction: float = 1.0     # share of the kept steps trained per update (1 = all)
     train_window: float = 1.0       # D3PO: train only this first share of the trajectory (its noisiest steps; 1 = all)
+    proxy_candidates: int = 0       # extra images per click ranked by a model fitted to the clicks (core/proxy.py); 0 = off
     ratio_clip: float | None = None  # official clamp of exp(log pi - log ref) to [1-c, 1+c]; None = off
     guidance_in_update: bool = True  # recompute log-probs with the guidance used when sampling
     weight_decay: float = 1e-4      # AdamW weight decay
@@ -80,6 +81,8 @@ class Settings:
                "use a share in (0, 1]")
         _check(0.0 < self.train_window <= 1.0, "train_window", self.train_window,
                "use a share in (0, 1], e.g. 0.5 for the first half of the steps")
+        _check(self.proxy_candidates == 0 or self.proxy_candidates >= 2, "proxy_candidates", self.proxy_candidates,
+               "use 0 (off) or 2 or more extra images per click, such as 4")
         _check(self.ratio_clip is None or 0 < self.ratio_clip < 1, "ratio_clip", self.ratio_clip,
                "use None (off) or a number in (0, 1) such as 0.1")
         _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "use 0 or more")

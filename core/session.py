@@ -73,6 +73,7 @@ class Session:
         self._state = "open"
         self._worker = UpdateWorker(name=f"d3po-updates-{folder.root.name}")
         self.notes: list[str] = []              # what reopening a damaged folder did, in words
+        self._proxy_features: dict = {}         # round id -> image features (proxy_candidates)
         with shared.lock:
             self.params = add_lora(shared.pipe.unet, settings.lora_rank, settings.lora_alpha,
                                    settings.lora_targets, settings.seed, adapter=adapter)
@@ -233,11 +234,15 @@ class Session:
         self._check_open()
         return self._load_batch(round_id)
 
-    def _load_batch(self, round_id: str) -> Batch:
+    def _load_images(self, round_id: str, n: int) -> list:
         from PIL import Image
-        rec = self.folder.read_round(round_id)
         rdir = self.folder.round_dir(round_id)
-        images = [Image.open(rdir / f"image_{i}.png").convert("RGB") for i in range(rec["n"])]
+        return [Image.open(rdir / f"image_{i}.png").convert("RGB") for i in range(n)]
+
+    def _load_batch(self, round_id: str) -> Batch:
+        rec = self.folder.read_round(round_id)
+        images = self._load_images(round_id, rec["n"])
+        rdir = self.folder.round_dir(round_id)
         traj = Trajectory.from_tensors(read_tensors(rdir / "trajectory.safetensors"))
         return Batch(rec["id"], rec["prompt"], rec["negative_prompt"], rec["seed"], images, traj, rec["sampling"])
 
@@ -296,15 +301,19 @@ class Session:
             if isinstance(batch, str):
                 batch = self._load_batch(batch)
             traj = Trajectory.from_tensors({k: v.clone() for k, v in batch.trajectory.to_tensors().items()})
-            return self._update(batch.sampling, traj, pairs, self.folder.read_round(rid), progress)
+            extra, proxy = [], None
+            if self.settings.proxy_candidates:
+                extra, proxy = self._proxy_pairs(batch, self.settings.replace(**batch.sampling))
+            return self._update(batch.sampling, traj, pairs, self.folder.read_round(rid), progress, extra, proxy)
 
-    def _update(self, sampling: dict, traj: Trajectory, pairs, record: dict, progress) -> dict:
+    def _update(self, sampling: dict, traj: Trajectory, pairs, record: dict, progress, extra=(),
+                proxy: dict | None = None) -> dict:
         s = self.settings.replace(**sampling)
         saved = self._train.snapshot(self.updates)
         device = self.runtime.device
         try:
             with measure_memory(device) as memory, Timer() as timer:   # this update's, not the process's
-                metrics, grad_norm = self._train_step(traj, pairs, s, progress)
+                metrics, grad_norm = self._train_step(traj, pairs, s, progress, extra)
         except (FloatingPointError, torch.OutOfMemoryError, RuntimeError) as e:
             self._load_state(saved)
             if isinstance(e, RuntimeError) and not _is_oom(e):
@@ -319,12 +328,66 @@ class Session:
             raise
         report = {**metrics, "grad_norm": grad_norm, "seconds": timer.seconds, "pairs": len(pairs),
                   **memory(), "updates": self.updates + 1}
+        if proxy is not None:
+            report["proxy"] = proxy
         self._commit(record, report)
         return report
 
-    def _train_step(self, traj: Trajectory, pairs, s: Settings, progress):
+    def _train_step(self, traj: Trajectory, pairs, s: Settings, progress, extra=()):
         return train_step(self.pipe, traj, pairs, s, self.params, self.optimizer,
-                          device=self.runtime.device, update_index=self.updates, progress=progress)
+                          device=self.runtime.device, update_index=self.updates, progress=progress, extra=extra)
+
+    # ------------------------------------------------------- proxy pairs
+    def _proxy_pairs(self, batch: Batch, s: Settings) -> tuple[list, dict]:
+        """``proxy_candidates``: when the model of the clicks so far predicts them (core/proxy.py),
+        sample that many more images of this click's prompt with the LoRA as it is and return
+        their (best, worst) by that model as one more pair to train; else nothing (and no sampling).
+        Returns ``([(trajectory, pairs)] or [], what the gate said)``."""
+        from . import proxy
+        clicks = self._proxy_clicks(batch)
+        said = proxy.gate(clicks)
+        report = {"open": said["open"], "hits": said["hits"], "predicted": said["predicted"], "p": said["p"],
+                  "pairs": 0}
+        if not said["open"]:
+            return [], report
+        fitted = proxy.model(clicks)
+        k = s.proxy_candidates
+        seed = (batch.seed * 1_000_003 + self.updates + 1) % 2**31    # reproducible, never the click's x_T
+        with torch.no_grad():
+            traj = sample_trajectory(self.pipe, batch.prompt, batch.negative_prompt, k, seed, steps=s.steps,
+                                     guidance=s.guidance, eta=s.eta, height=s.height, width=s.width,
+                                     reduction=s.reduction, device=self.runtime.device)
+            with self._room_to_decode(s, k):
+                images = decode(self.pipe, traj.latents[-1].float())
+        best, worst = proxy.extreme_pair(proxy.scores(proxy.image_features(images), fitted))
+        if best == worst:                 # all candidates scored alike: nothing to learn from them
+            return [], report
+        report["pairs"] = 1
+        return [(traj, [(best, worst)])], report
+
+    def _proxy_clicks(self, batch: Batch) -> list:
+        """The clicks up to and including ``batch``'s, oldest first, as ``core.proxy.Click``s:
+        every round with a best or a ranking that was not undone (one whose update was rolled
+        back still says what the user prefers). Features are computed once per round and kept."""
+        from . import proxy
+        cache = self._proxy_features
+        clicks = []
+        for rid in self.folder.round_ids():
+            if rid > batch.id:
+                break
+            try:
+                record = self.folder.read_round(rid)
+                choice = record.get("choice") or {}
+                if record.get("status") == "undone" or not ({"best", "ranking"} & set(choice)):
+                    continue
+                if rid not in cache:
+                    images = batch.images if rid == batch.id else self._load_images(rid, record["n"])
+                    cache[rid] = proxy.image_features(images)
+            except (SessionError, OSError):
+                continue                  # a damaged round teaches nothing (reopening notes it)
+            _, pairs = _choice(record["n"], choice.get("best"), choice.get("ranking"), False)
+            clicks.append(proxy.Click(cache[rid], tuple(pairs)))
+        return clicks
 
     def _mark(self, record: dict, status: str, error: BaseException) -> None:
         record.update(status=status, error=f"{type(error).__name__}: {error}")

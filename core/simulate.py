@@ -91,7 +91,7 @@ def run_simulation(out, *, oracle: str, rounds: int, n: int = 2, seed: int = 0, 
         pairs = eval_set(eval_pairs, seed)
         base = [session.render(p, s, scale=0.0)[0] for p, s in pairs]
         base_fid = fidelity(base, [p for p, _ in pairs])
-        rows, click_seconds, fresh, tuned, rolled_back = [], [], [], base, 0
+        rows, click_seconds, fresh, tuned, rolled_back, proxy_pairs = [], [], [], base, 0, 0
         train_rng = random.Random(f"train-{seed}")
         checkpoints = sorted({c for c in eval_at if c < rounds} | {rounds})
         queue: list = []
@@ -100,6 +100,7 @@ def run_simulation(out, *, oracle: str, rounds: int, n: int = 2, seed: int = 0, 
             click_seconds.append(seconds)
             fresh.append(report.get("accuracy"))
             rolled_back += bool(report.get("rolled_back"))
+            proxy_pairs += (report.get("proxy") or {}).get("pairs", 0)
             if click == rounds:       # the last clicks still in the queue land before the report
                 while queue:
                     rolled_back += bool(_prefer(session, queue.pop(0)).get("rolled_back"))
@@ -113,7 +114,7 @@ def run_simulation(out, *, oracle: str, rounds: int, n: int = 2, seed: int = 0, 
             if progress:
                 progress(click, rounds)
         report = {"oracle": oracle, "rounds": rounds, "n": n, "seed": seed, "model": model,
-                  "rolled_back": rolled_back,
+                  "rolled_back": rolled_back, "proxy_pairs": proxy_pairs,
                   "settings": session.settings.to_dict(), "runtime": session.runtime.describe(),
                   "base_fidelity": base_fid, "checkpoints": rows,
                   "seconds_per_click": float(np.median(click_seconds)), "fresh_accuracy": fresh}

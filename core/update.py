@@ -105,21 +105,30 @@ def apply_gradients(params: list[torch.nn.Parameter], optimizer, grad_clip: floa
 
 
 def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, update_index: int,
-               progress=None) -> tuple[dict[str, float], float]:
+               progress=None, extra=()) -> tuple[dict[str, float], float]:
     """One whole update for one click: objective gradients, checks, optimizer step, trust region.
 
     1. the objective named by ``s.objective`` (core/objectives.py) accumulates its gradients;
     2. a non-finite loss or gradient raises FloatingPointError before anything has stepped;
     3. the optimizer steps; with ``s.step_rms`` the step is then rescaled so that the model's
        predictions along this batch's trajectory move by exactly that RMS (core/trust_region.py).
-    Returns ``(metrics, gradient norm)``.
+    ``extra``: more ``(trajectory, pairs)`` to train in the same step (the pairs a preference
+    model labelled, core/proxy.py); every pair weighs the same. The metrics are the click's own
+    (its ``accuracy`` stays the fresh-pair accuracy) and the trust region is measured on the
+    click's images. Returns ``(metrics, gradient norm)``.
     """
     from .objectives import get_objective
     from .trust_region import TrustRegion
     generator = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
     with offload_for_update(pipe, device):   # text encoders and VAE off the accelerator meanwhile
-        metrics = get_objective(s.objective)(pipe, traj, pairs, s, device=device, generator=generator,
-                                             progress=progress)
+        objective = get_objective(s.objective)
+        total = len(pairs) + sum(len(p) for _, p in extra)
+        metrics = objective(pipe, traj, pairs, s, device=device, generator=generator, progress=progress,
+                            weight=len(pairs) / total)
+        for more, more_pairs in extra:
+            more_metrics = objective(pipe, more, more_pairs, s, device=device, generator=generator,
+                                     weight=len(more_pairs) / total)
+            metrics["extra_loss"] = metrics.get("extra_loss", 0.0) + more_metrics["loss"] / len(extra)
     if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite loss ({metrics['loss']})")
