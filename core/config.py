@@ -33,6 +33,7 @@ class Settings:
     step_weight: str = "noise"      # D3PO per-step log-ratio scale: "noise" (σ²/c², docs/algorithm.md) or "none" (official)
     logprob_pool: int = 1           # D3PO: score each step on r×r average-pooled latents (1 = the full step)
     step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
+    step_evidence: bool = False     # scale each click's step by how much the clicks' gradients agree (0 for random clicks)
     beta: float = 0.3               # inverse temperature of the D3PO loss
     lr: float = 1e-2                # learning rate of the LoRA optimizer (sets only the direction when step_rms is on)
     dpo_beta: float = 5000.0        # β of the diffusion-dpo objective (diffusers' example scale)

@@ -335,7 +335,8 @@ class Session:
 
     def _train_step(self, traj: Trajectory, pairs, s: Settings, progress, extra=()):
         return train_step(self.pipe, traj, pairs, s, self.params, self.optimizer,
-                          device=self.runtime.device, update_index=self.updates, progress=progress, extra=extra)
+                          device=self.runtime.device, update_index=self.updates, progress=progress, extra=extra,
+                          evidence=self._train.evidence)
 
     # ------------------------------------------------------- proxy pairs
     def _proxy_pairs(self, batch: Batch, s: Settings) -> tuple[list, dict]:

@@ -159,13 +159,17 @@ class SessionFolder:
         names = [p.name for p in folder.iterdir() if CHECKPOINT_ID.match(p.name)] if folder.exists() else []
         return f"{max((int(n) for n in names), default=0) + 1:06d}"
 
-    def write_checkpoint(self, lora: dict, optimizer_state: dict, meta: dict) -> str:
-        """Write a complete checkpoint folder, then return its name (HEAD is not moved)."""
+    def write_checkpoint(self, lora: dict, optimizer_state: dict, meta: dict,
+                         evidence: dict[str, torch.Tensor] | None = None) -> str:
+        """Write a complete checkpoint folder, then return its name (HEAD is not moved).
+        ``evidence``: the tensors of ``step_evidence`` (core/trust_region.py), if the session keeps any."""
         name = self.next_checkpoint_name()
         folder = self.root / "checkpoints" / name
         folder.mkdir(parents=True, exist_ok=False)
         write_tensors(folder / "lora.safetensors", lora)
         atomic_write(folder / "optimizer.pt", lambda p: torch.save(optimizer_state, p))
+        if evidence is not None:
+            write_tensors(folder / "evidence.safetensors", evidence)
         write_json(folder / "meta.json", meta)   # written last: marks the folder complete
         return name
 
@@ -180,6 +184,11 @@ class SessionFolder:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:   # torch raises zip, pickle and EOF errors for a damaged file
             raise SessionError(f"{path} is missing or damaged ({type(e).__name__}: {e})") from e
+
+    def read_evidence(self, name: str) -> dict[str, torch.Tensor] | None:
+        """The ``step_evidence`` tensors of checkpoint ``name``; None if it has none (SessionError if damaged)."""
+        path = self.root / "checkpoints" / name / "evidence.safetensors"
+        return _read_existing(read_tensors, path) if path.exists() else None
 
     def read_checkpoint(self, name: str) -> tuple[dict, dict, dict]:
         return self.read_lora(name), self.read_optimizer(name), self.checkpoint_meta(name)

@@ -12,11 +12,13 @@ checkpoint before it moves HEAD to it (``Session.undo``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 from .errors import SessionError
 from .lora import load_lora_state, lora_state
 from .storage import SessionFolder
+from .trust_region import Evidence
 
 
 @dataclass
@@ -26,6 +28,7 @@ class State:
     optimizer: dict
     updates: int
     note: str | None = None       # what reading it had to give up, in words
+    evidence: Evidence = dataclasses.field(default_factory=Evidence)   # step_evidence's running sum
 
 
 class TrainState:
@@ -35,6 +38,7 @@ class TrainState:
         self.folder, self.unet, self.adapter = folder, unet, adapter
         self.params, self.optimizer, self.settings = params, optimizer, settings
         self.fresh = State(lora_state(unet, adapter), copy.deepcopy(optimizer.state_dict()), 0)
+        self.evidence = Evidence()    # what step_evidence has seen of the clicks (core/trust_region.py)
 
     def read(self, name: str | None) -> State:
         """Checkpoint ``name`` (None = the fresh LoRA). A damaged or mismatched LoRA raises
@@ -47,11 +51,18 @@ class TrainState:
             raise SessionError(f"{self.folder.root / 'checkpoints' / name / 'lora.safetensors'} does not match "
                                "this session's LoRA shape (rank or targets differ)")
         updates = self.folder.checkpoint_meta(name)["updates"]
+        notes, evidence = [], Evidence()
         try:
-            return State(lora, self.folder.read_optimizer(name), updates)
+            saved = self.folder.read_evidence(name)
+            evidence = Evidence.from_tensors(saved) if saved is not None else evidence
+        except (SessionError, KeyError, IndexError) as e:
+            notes.append(f"{e}; the evidence of step_evidence starts again from here (the LoRA is intact)")
+        try:
+            optimizer = self.folder.read_optimizer(name)
         except SessionError as e:
-            return State(lora, copy.deepcopy(self.fresh.optimizer), updates,
-                         f"{e}; the optimizer state starts fresh from here (the LoRA is intact)")
+            optimizer = copy.deepcopy(self.fresh.optimizer)
+            notes.insert(0, f"{e}; the optimizer state starts fresh from here (the LoRA is intact)")
+        return State(lora, optimizer, updates, "; ".join(notes) or None, evidence)
 
     def load(self, state: State) -> None:
         """Copy ``state`` into the adapter and optimizer; the settings' lr and weight decay apply
@@ -61,14 +72,18 @@ class TrainState:
         self.optimizer.load_state_dict(state.optimizer)
         for group in self.optimizer.param_groups:
             group["lr"], group["weight_decay"] = self.settings.lr, self.settings.weight_decay
+        self.evidence = Evidence(state.evidence.total, state.evidence.count)
 
     def snapshot(self, updates: int) -> State:
-        return State(lora_state(self.unet, self.adapter), copy.deepcopy(self.optimizer.state_dict()), updates)
+        total = self.evidence.total.clone() if self.evidence.total is not None else None
+        return State(lora_state(self.unet, self.adapter), copy.deepcopy(self.optimizer.state_dict()), updates,
+                     evidence=Evidence(total, self.evidence.count))
 
     def commit(self, round_id: str, parent: str | None, updates: int) -> str:
         """Write the current state as a complete checkpoint; returns its name (HEAD not moved)."""
+        evidence = self.evidence.to_tensors() if self.evidence.count else None
         return self.folder.write_checkpoint(lora_state(self.unet, self.adapter), self.optimizer.state_dict(),
-                                            {"updates": updates, "round": round_id, "parent": parent})
+                                            {"updates": updates, "round": round_id, "parent": parent}, evidence)
 
     def prune(self, head: str | None) -> list[str]:
         """Keep the newest ``keep_checkpoints`` of HEAD's chain; a round whose checkpoint goes

@@ -72,7 +72,56 @@ class TrustRegion:
         """Rescale the step just taken so the predictions move by ``target`` RMS; return metrics."""
         after = predictions(pipe, self.trajectory, self.steps, self.images, self.guidance, self.device)
         raw = rms_change(self.outputs, after)
-        scale = target / raw if raw > 0 else 0.0
+        scale = target / raw if raw > 0 else 0.0     # target 0 (no evidence yet): no step
         for p, p0 in zip(params, self.weights):
             p.copy_(p0 + scale * (p - p0))
         return {"step_rms_raw": raw, "step_scale": scale}
+
+
+# ---------------------------------------------------------------- evidence (Settings.step_evidence)
+# Random clicks are symmetric: swapping winner and loser flips a click's gradient, so their
+# gradients have mean zero and the unit gradients u_i = g_i/|g_i| of k clicks sum to |Σu|² ≈ k.
+# A consistent chooser adds a common direction, and |Σu|² grows as k + k(k−1)·(mean cosine).
+# The James–Stein factor max(0, 1 − k/|Σu|²) is then ≈ 0 for random clicks and → 1 as the clicks
+# agree: each click's step is the trust region's ρ times this evidence (docs/algorithm.md).
+
+@dataclass
+class Evidence:
+    """The running sum of a session's unit click gradients and how many were added."""
+    total: torch.Tensor | None = None      # flat float32, CPU
+    count: int = 0
+
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        total = self.total if self.total is not None else torch.zeros(0)
+        return {"total": total.contiguous(), "count": torch.tensor([self.count])}
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Evidence":
+        count = int(t["count"][0])
+        return cls(t["total"].float() if count else None, count)
+
+
+def unit_gradient(params) -> torch.Tensor | None:
+    """The LoRA's current gradient as one flat float32 CPU vector of norm 1 (None if it is 0)."""
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1).cpu()
+                      for p in params])
+    norm = torch.linalg.vector_norm(flat)
+    return flat / norm if norm > 0 else None
+
+
+def add_click(evidence: Evidence, unit: torch.Tensor | None) -> Evidence:
+    """The evidence with one more click's unit gradient (unchanged if it had no gradient)."""
+    if unit is None:
+        return evidence
+    if evidence.total is not None and evidence.total.shape != unit.shape:
+        raise ValueError(f"evidence of {evidence.total.numel()} values for a LoRA of {unit.numel()}")
+    total = unit.clone() if evidence.total is None else evidence.total + unit
+    return Evidence(total, evidence.count + 1)
+
+
+def evidence_scale(evidence: Evidence) -> float:
+    """James–Stein positive part max(0, 1 − k/|Σu|²): 0 until the clicks agree more than chance."""
+    if evidence.total is None or evidence.count < 2:     # one click cannot agree with anything
+        return 0.0
+    power = float(evidence.total.pow(2).sum())
+    return max(0.0, 1.0 - evidence.count / power) if power > 0 else 0.0

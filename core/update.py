@@ -105,7 +105,7 @@ def apply_gradients(params: list[torch.nn.Parameter], optimizer, grad_clip: floa
 
 
 def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, update_index: int,
-               progress=None, extra=()) -> tuple[dict[str, float], float]:
+               progress=None, extra=(), evidence=None) -> tuple[dict[str, float], float]:
     """One whole update for one click: objective gradients, checks, optimizer step, trust region.
 
     1. the objective named by ``s.objective`` (core/objectives.py) accumulates its gradients;
@@ -115,10 +115,13 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     ``extra``: more ``(trajectory, pairs)`` to train in the same step (the pairs a preference
     model labelled, core/proxy.py); every pair weighs the same. The metrics are the click's own
     (its ``accuracy`` stays the fresh-pair accuracy) and the trust region is measured on the
-    click's images. Returns ``(metrics, gradient norm)``.
+    click's images. With ``s.step_evidence`` the step is also scaled by the evidence that the
+    session's clicks agree (``core.trust_region.evidence_scale``); ``evidence`` (a
+    ``core.trust_region.Evidence``) gains this click, in place, once the step has succeeded.
+    Returns ``(metrics, gradient norm)``.
     """
     from .objectives import get_objective
-    from .trust_region import TrustRegion
+    from .trust_region import Evidence, TrustRegion, add_click, evidence_scale, unit_gradient
     generator = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
     with offload_for_update(pipe, device):   # text encoders and VAE off the accelerator meanwhile
         objective = get_objective(s.objective)
@@ -132,12 +135,24 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite loss ({metrics['loss']})")
+    scale, seen = 1.0, None
+    if s.step_evidence:
+        seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params))
+        scale = evidence_scale(seen)
+        metrics["evidence_scale"] = scale
     region = TrustRegion.before_step(pipe, traj, pairs, s, params, device) if s.step_rms else None
+    before = [p.detach().clone() for p in params] if region is None and scale != 1.0 else None
     grad_norm = apply_gradients(params, optimizer, s.grad_clip)
     if region is not None:
-        metrics.update(region.rescale(pipe, params, s.step_rms))
+        metrics.update(region.rescale(pipe, params, s.step_rms * scale))
+    elif before is not None:
+        with torch.no_grad():
+            for p, p0 in zip(params, before):
+                p.copy_(p0 + scale * (p - p0))
     if not all(torch.isfinite(p).all() for p in params):
         raise FloatingPointError("the optimizer step made the LoRA non-finite")
+    if seen is not None and evidence is not None:
+        evidence.total, evidence.count = seen.total, seen.count
     return metrics, grad_norm
 
 

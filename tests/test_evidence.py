@@ -1,0 +1,107 @@
+"""``step_evidence``: each click's step is ρ times the James–Stein evidence that the clicks agree.
+
+Pure: the factor against hand numbers (agreeing, opposite and orthogonal clicks), random-sign
+clicks near 0 and consistent ones near 1. In a session: the first click does not move the LoRA,
+a later click moves the predictions by ρ × the factor, and the evidence is checkpointed with the
+LoRA (reopen, undo, a rolled-back update).
+"""
+import pytest
+import torch
+
+from d3po_studio.core.trust_region import (Evidence, add_click, evidence_scale, predictions, probe_steps,
+                                           rms_change, unit_gradient)
+
+
+def _after(units):
+    e = Evidence()
+    for u in units:
+        e = add_click(e, u)
+    return e
+
+
+def test_evidence_scale_against_hand_numbers():
+    u, v = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert evidence_scale(Evidence()) == 0.0
+    assert evidence_scale(_after([u])) == 0.0                       # one click proves nothing
+    assert evidence_scale(_after([u, u, u, u])) == pytest.approx(1 - 4 / 16)
+    assert evidence_scale(_after([u, v])) == 0.0                    # |Σu|² = 2 = k
+    assert evidence_scale(_after([u, -u, u])) == 0.0                # |Σu|² = 1 < 3
+    assert _after([u, None, u]).count == 2                          # a click without gradient adds nothing
+    with pytest.raises(ValueError, match="evidence of 2 values"):
+        add_click(_after([u]), torch.ones(3) / 3 ** 0.5)
+
+
+def test_random_clicks_give_no_evidence_and_a_consistent_chooser_does():
+    g = torch.Generator().manual_seed(0)
+    dim, clicks = 400, 50
+    common = torch.randn(dim, generator=g)
+    common /= common.norm()
+    random_scales, chooser_scales = [], []
+    for trial in range(20):
+        noise = [torch.randn(dim, generator=g) for _ in range(clicks)]
+        signs = torch.randint(0, 2, (clicks,), generator=g) * 2 - 1
+        # random clicks: the click's own noise with a random sign; a chooser: plus a shared direction
+        random_scales.append(evidence_scale(_after([s * n / n.norm() for s, n in zip(signs, noise)])))
+        chooser_scales.append(evidence_scale(_after([(n / n.norm() + 0.3 * common) / (n / n.norm() + 0.3 * common).norm()
+                                                     for n in noise])))
+    assert sum(random_scales) / 20 < 0.1
+    assert min(chooser_scales) > 0.7
+
+
+def test_evidence_round_trips_through_tensors():
+    e = _after([torch.tensor([0.6, 0.8]), torch.tensor([1.0, 0.0])])
+    back = Evidence.from_tensors(e.to_tensors())
+    assert back.count == 2 and torch.equal(back.total, e.total)
+    assert Evidence.from_tensors(Evidence().to_tensors()).total is None
+
+
+def test_unit_gradient_flattens_every_parameter():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(1))
+    a.grad = torch.tensor([3.0, 0.0])
+    assert torch.equal(unit_gradient([a, b]), torch.tensor([1.0, 0.0, 0.0]))   # no grad counts as 0
+    a.grad = torch.zeros(2)
+    assert unit_gradient([a, b]) is None
+
+
+def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, tiny_sd1):
+    from d3po_studio import Session
+    rho = 0.01
+    s = Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=6, dtype="float32",
+                     optimizer="adamw", step_rms=rho, step_evidence=True)
+    try:
+        lora = [p.detach().clone() for p in s.params]
+        first = s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
+        assert first["evidence_scale"] == pytest.approx(0.0, abs=1e-6)
+        assert all(torch.allclose(p, q, atol=1e-9) for p, q in zip(s.params, lora))   # no step yet
+        # make the next click agree with an earlier one three times over: a known factor
+        u = s._train.evidence.total.clone()
+        s._train.evidence.total, s._train.evidence.count = 3 * u, 3
+        batch = s.sample("a red circle", n=2, seed=0)      # the same noise: the same gradient
+        probes = probe_steps(6)
+        before = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
+        report = s.prefer(batch, best=1)
+        after = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
+        expected = evidence_scale(s._train.evidence)
+        assert report["evidence_scale"] == pytest.approx(expected) and 0.3 < expected < 1.0
+        assert rms_change(before, after) == pytest.approx(rho * expected, rel=0.05)
+        kept = (s._train.evidence.total.clone(), s._train.evidence.count)
+        s.close()
+        s = Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1)
+        assert s._train.evidence.count == kept[1] and torch.equal(s._train.evidence.total, kept[0])
+        s.undo()
+        assert s._train.evidence.count == 1 and torch.allclose(s._train.evidence.total, u)
+        # a rolled-back update leaves the evidence as it was
+        import d3po_studio.core.update as update
+        real = update.apply_gradients
+
+        def failing(*a, **k):
+            raise FloatingPointError("non-finite gradient norm (nan)")
+        update.apply_gradients = failing
+        try:
+            with pytest.raises(Exception, match="rolled back"):
+                s.prefer(s.sample("a red circle", n=2, seed=5), best=0)
+        finally:
+            update.apply_gradients = real
+        assert s._train.evidence.count == 1 and torch.allclose(s._train.evidence.total, u)
+    finally:
+        s.close()
