@@ -32,6 +32,7 @@ class Settings:
     objective: str = "d3po"         # "d3po" (per-step, on the trajectory) or "diffusion-dpo" (final images)
     step_weight: str = "noise"      # D3PO per-step log-ratio scale: "noise" (σ²/c², docs/algorithm.md) or "none" (official)
     logprob_pool: int = 1           # D3PO: score each step on r×r average-pooled latents (1 = the full step)
+    logprob_grid: int = 0           # D3PO: score each step on its G×G block means, any latent size (0 = off; 1 = channel means)
     step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
     step_evidence: bool = False     # scale each click's step by how much the clicks' gradients agree (0 for random clicks)
     beta: float = 0.3               # inverse temperature of the D3PO loss
@@ -73,6 +74,9 @@ class Settings:
         _check(self.step_rms is None or self.step_rms > 0, "step_rms", self.step_rms,
                "use None (off) or a positive RMS change such as 0.02")
         _check(self.logprob_pool >= 1, "logprob_pool", self.logprob_pool, "use 1 (off) or a pooling factor such as 4")
+        _check(self.logprob_grid >= 0, "logprob_grid", self.logprob_grid, "use 0 (off) or a grid such as 1 or 4")
+        _check(self.logprob_grid == 0 or self.logprob_pool == 1, "logprob_pool", self.logprob_pool,
+               "set logprob_pool=1 when logprob_grid is on (they are two ways to choose the same view)")
         _check(self.dpo_beta > 0, "dpo_beta", self.dpo_beta, "use a positive number such as 5000")
         _check(self.dpo_timesteps >= 1, "dpo_timesteps", self.dpo_timesteps, "use 1 or more timesteps")
         _check(self.beta > 0, "beta", self.beta, "use a positive number such as 0.1")

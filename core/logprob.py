@@ -98,7 +98,7 @@ def ddim_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     reduction: str = "sum",
-    pool: int = 1,
+    pool: int | tuple[int, int] = 1,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw x_{t-1} (or score the given ``prev_sample``) and return ``(x_{t-1}, log p)``.
 
@@ -107,6 +107,7 @@ def ddim_step_with_logprob(
     pool:         r > 1 scores the r×r average-pooled step instead: pooling is linear, so
                   pool(x_{t-1}) ~ N(pool(μ_t), (σ_t/r)² I) exactly — the density of a coarse view
                   of the step, which keeps its low frequencies and drops (r²−1)/r² of the noise.
+                  A pair (kh, kw) pools kh×kw blocks, σ_t/√(kh·kw) (see ``grid_pool``).
     Returns log p per batch element, shape [B], in float32; ``None`` when σ_t = 0
     (eta = 0 or a deterministic last step), where no density exists.
     """
@@ -141,10 +142,20 @@ def ddim_step_with_logprob(
     prev_sample = prev_sample.detach().to(mean.device, torch.float32)
     if sigma_t == 0.0:
         return prev_sample, None
-    if pool > 1:
-        return prev_sample, gaussian_logprob(F.avg_pool2d(prev_sample, pool), F.avg_pool2d(mean, pool),
-                                             sigma_t / pool, reduction)
+    kh, kw = (pool, pool) if isinstance(pool, int) else pool
+    if kh * kw > 1:
+        return prev_sample, gaussian_logprob(F.avg_pool2d(prev_sample, (kh, kw)), F.avg_pool2d(mean, (kh, kw)),
+                                             sigma_t / math.sqrt(kh * kw), reduction)
     return prev_sample, gaussian_logprob(prev_sample, mean, sigma_t, reduction)
+
+
+def grid_pool(height: int, width: int, grid: int) -> tuple[int, int]:
+    """The block (kh, kw) that pools a ``height`` × ``width`` latent to ``grid`` × ``grid`` block
+    means (``Settings.logprob_grid``); grid 1 = each channel's mean, on any latent size."""
+    if grid < 1 or height % grid or width % grid:
+        raise ValueError(f"logprob_grid={grid} does not divide the {height}×{width} latent: use 1, or a "
+                         "grid that divides both sides")
+    return height // grid, width // grid
 
 
 def gaussian_logprob(x: torch.Tensor, mean: torch.Tensor, sigma: float, reduction: str = "sum"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .diffusion_dpo import accumulate_diffusion_dpo_gradients
 from .errors import ConfigError, SessionError
+from .logprob import grid_pool
 from .sampling import make_scheduler
 from .split import gradient_function
 from .update import steps_to_train
@@ -28,7 +29,7 @@ def d3po(pipe, trajectory, pairs, s, *, device, generator, progress=None, weight
         pipe, trajectory, pairs, steps=steps, beta=s.beta,
         guidance=s.guidance if s.guidance_in_update else 1.0, eta=s.eta, reduction=s.reduction,
         ratio_clip=s.ratio_clip, device=device, progress=progress, weighting=s.step_weight, weight=weight,
-        pool=s.logprob_pool)
+        pool=grid_pool(*trajectory.latents.shape[-2:], s.logprob_grid) if s.logprob_grid else s.logprob_pool)
 
 
 def diffusion_dpo(pipe, trajectory, pairs, s, *, device, generator, progress=None,

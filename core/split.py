@@ -32,7 +32,7 @@ def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tu
                                     steps: list[int], beta: float, guidance: float, eta: float,
                                     reduction: str, ratio_clip: float | None, device,
                                     weight: float = 1.0, progress=None,
-                                    weighting: str = "none", pool: int = 1) -> dict[str, float]:
+                                    weighting: str = "none", pool: int | tuple[int, int] = 1) -> dict[str, float]:
     """Backward the D3PO loss of every kept step in ``steps``, one image's graph at a time.
 
     Gradients accumulate in the LoRA parameters, scaled by ``weight / len(steps)`` (as in the

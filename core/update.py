@@ -34,7 +34,7 @@ def steps_to_train(trajectory: Trajectory, scheduler, eta: float, fraction: floa
 
 
 def step_logprobs(unet, scheduler, trajectory: Trajectory, k: int, images: list[int], *,
-                  guidance: float, eta: float, reduction: str, device, pool: int = 1) -> torch.Tensor:
+                  guidance: float, eta: float, reduction: str, device, pool: int | tuple[int, int] = 1) -> torch.Tensor:
     """log π(x_{t-1} | x_t) at kept step k for the given images, with the UNet as it is now."""
     x_t = trajectory.latents[k, images].to(device, torch.float32)
     x_prev = trajectory.latents[k + 1, images].to(device, torch.float32)
@@ -49,7 +49,7 @@ def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[in
                               steps: list[int], beta: float, guidance: float, eta: float,
                               reduction: str, ratio_clip: float | None, device,
                               weight: float = 1.0, progress=None, weighting: str = "none",
-                              pool: int = 1) -> dict[str, float]:
+                              pool: int | tuple[int, int] = 1) -> dict[str, float]:
     """Backward the D3PO loss of every kept step in ``steps``, one step's graph at a time.
 
     Gradients accumulate in the LoRA parameters, scaled by ``weight / len(steps)`` so that the

@@ -221,3 +221,29 @@ def test_pooled_logprob_is_the_density_of_the_pooled_step():
     expected = torch.distributions.Normal(pool(mean, 4), sigma / 4).log_prob(pool(prev, 4)).sum(dim=(1, 2, 3))
     assert torch.allclose(pooled, expected, rtol=1e-4, atol=1e-3)
     assert not torch.allclose(pooled, full)
+
+
+def test_grid_logprob_is_the_density_of_the_block_means():
+    """logprob_grid=G scores the G×G block means: grid 1 is each channel's mean of a non-square
+    latent, N(mean of μ, σ²/(H·W)) — checked against torch's Normal; a grid that does not divide
+    the latent is refused with what to use; the setting excludes logprob_pool."""
+    from d3po_studio.core.logprob import ddim_step_with_logprob, grid_pool
+    scheduler = DDIMScheduler(**SCHEDULER)
+    scheduler.set_timesteps(10)
+    t = int(scheduler.timesteps[3])
+    x_t = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(1))
+    prev, _ = ddim_step_with_logprob(scheduler, out, t, x_t, 1.0, generator=torch.Generator().manual_seed(2))
+    sigma = step_coefficients(scheduler, t, 1.0)[2]
+    mean = _mean_from(ddim_step_with_logprob, scheduler, out, t, x_t, sigma)
+    _, channel = ddim_step_with_logprob(scheduler, out, t, x_t, 1.0, prev_sample=prev, pool=grid_pool(6, 10, 1))
+    expected = torch.distributions.Normal(mean.mean(dim=(2, 3)), sigma / math.sqrt(60)).log_prob(
+        prev.mean(dim=(2, 3))).sum(dim=1)
+    assert torch.allclose(channel, expected, rtol=1e-4, atol=1e-3)
+    assert grid_pool(6, 10, 2) == (3, 5)
+    with pytest.raises(ValueError, match="logprob_grid=4 does not divide the 6×10 latent"):
+        grid_pool(6, 10, 4)
+    with pytest.raises(ConfigError, match="logprob_pool"):
+        Settings(logprob_grid=1, logprob_pool=4)
+    with pytest.raises(ConfigError, match="logprob_grid"):
+        Settings(logprob_grid=-1)
