@@ -204,19 +204,26 @@ def test_diffusion_dpo_round_trip_through_the_session(tmp_path, tiny_sd1):
         assert again.settings.objective == "diffusion-dpo"
 
 
-def test_pooled_logprob_is_the_density_of_the_pooled_step():
-    """pool=r scores avg_pool(x_{t-1}) under N(avg_pool(μ), (σ/r)²): checked against torch's Normal."""
+def _one_step(height: int, width: int):
+    """A sampled DDIM step of a batch of 2 [4, height, width] latents: scheduler, t, x_t, model
+    output, x_{t-1}, σ_t and the step's mean μ."""
     from d3po_studio.core.logprob import ddim_step_with_logprob
     scheduler = DDIMScheduler(**SCHEDULER)
     scheduler.set_timesteps(10)
     t = int(scheduler.timesteps[3])
-    x_t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    out = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    x_t = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(0))
+    out = torch.randn(2, 4, height, width, generator=torch.Generator().manual_seed(1))
     prev, _ = ddim_step_with_logprob(scheduler, out, t, x_t, 1.0, generator=torch.Generator().manual_seed(2))
+    sigma = step_coefficients(scheduler, t, 1.0)[2]
+    return scheduler, t, x_t, out, prev, sigma, _mean_from(ddim_step_with_logprob, scheduler, out, t, x_t, sigma)
+
+
+def test_pooled_logprob_is_the_density_of_the_pooled_step():
+    """pool=r scores avg_pool(x_{t-1}) under N(avg_pool(μ), (σ/r)²): checked against torch's Normal."""
+    from d3po_studio.core.logprob import ddim_step_with_logprob
+    scheduler, t, x_t, out, prev, sigma, mean = _one_step(8, 8)
     _, full = ddim_step_with_logprob(scheduler, out, t, x_t, 1.0, prev_sample=prev)
     _, pooled = ddim_step_with_logprob(scheduler, out, t, x_t, 1.0, prev_sample=prev, pool=4)
-    sigma = step_coefficients(scheduler, t, 1.0)[2]
-    mean = _mean_from(ddim_step_with_logprob, scheduler, out, t, x_t, sigma)
     pool = torch.nn.functional.avg_pool2d
     expected = torch.distributions.Normal(pool(mean, 4), sigma / 4).log_prob(pool(prev, 4)).sum(dim=(1, 2, 3))
     assert torch.allclose(pooled, expected, rtol=1e-4, atol=1e-3)
@@ -228,14 +235,7 @@ def test_grid_logprob_is_the_density_of_the_block_means():
     latent, N(mean of μ, σ²/(H·W)) — checked against torch's Normal; a grid that does not divide
     the latent is refused with what to use; the setting excludes logprob_pool."""
     from d3po_studio.core.logprob import ddim_step_with_logprob, grid_pool
-    scheduler = DDIMScheduler(**SCHEDULER)
-    scheduler.set_timesteps(10)
-    t = int(scheduler.timesteps[3])
-    x_t = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(0))
-    out = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(1))
-    prev, _ = ddim_step_with_logprob(scheduler, out, t, x_t, 1.0, generator=torch.Generator().manual_seed(2))
-    sigma = step_coefficients(scheduler, t, 1.0)[2]
-    mean = _mean_from(ddim_step_with_logprob, scheduler, out, t, x_t, sigma)
+    scheduler, t, x_t, out, prev, sigma, mean = _one_step(6, 10)
     _, channel = ddim_step_with_logprob(scheduler, out, t, x_t, 1.0, prev_sample=prev, pool=grid_pool(6, 10, 1))
     expected = torch.distributions.Normal(mean.mean(dim=(2, 3)), sigma / math.sqrt(60)).log_prob(
         prev.mean(dim=(2, 3))).sum(dim=1)
