@@ -63,11 +63,14 @@ def test_unit_gradient_flattens_every_parameter():
     assert unit_gradient([a, b]) is None
 
 
-def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, tiny_sd1):
+@pytest.mark.parametrize("family, grid", [("sd1", 0), ("sdxl", 1)])
+def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, family, grid):
+    """On SD 1.x and SDXL shapes (the latter with channel-mean log-probs, logprob_grid=1)."""
     from d3po_studio import Session
-    rho = 0.01
-    s = Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=6, dtype="float32",
-                     optimizer="adamw", step_rms=rho, step_evidence=True)
+    from d3po_studio.core.tiny import tiny_pipeline
+    rho, pipe = 0.01, tiny_pipeline(family)
+    s = Session.open(tmp_path / "s", model=f"tiny-{family}", pipeline=pipe, steps=6, dtype="float32",
+                     optimizer="adamw", step_rms=rho, step_evidence=True, logprob_grid=grid)
     try:
         lora = [p.detach().clone() for p in s.params]
         first = s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
@@ -86,7 +89,7 @@ def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, tiny_sd1):
         assert rms_change(before, after) == pytest.approx(rho * expected, rel=0.05)
         kept = (s._train.evidence.total.clone(), s._train.evidence.count)
         s.close()
-        s = Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1)
+        s = Session.open(tmp_path / "s", model=f"tiny-{family}", pipeline=pipe)
         assert s._train.evidence.count == kept[1] and torch.equal(s._train.evidence.total, kept[0])
         s.undo()
         assert s._train.evidence.count == 1 and torch.allclose(s._train.evidence.total, u)
