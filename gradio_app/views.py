@@ -59,7 +59,17 @@ def learned_note(report: dict, clicks: int) -> str:
     agreed = report.get("accuracy") if report.get("updates", 1) > 1 else None
     before = "" if agreed is None else (
         f" Before it, the model already leaned toward your pick in {agreed:.0%} of its steps.")
-    return f"Learned from click {clicks} in {report['seconds']:.1f} s.{before}"
+    return f"Learned from click {clicks} in {report['seconds']:.1f} s.{before}{evidence_note(report)}"
+
+
+def evidence_note(report: dict) -> str:
+    """With ``step_evidence``: how much of a full step the click took, and why."""
+    scale = report.get("evidence_scale")
+    if scale is None:
+        return ""
+    if scale <= 0:
+        return " The model has not moved yet: it steps once your clicks agree with each other."
+    return f" Your clicks agree {scale:.2f} of the way, so the model took {scale:.0%} of a full step."
 
 
 def busy_note(pending: dict, clicks: dict[str, int]) -> str:

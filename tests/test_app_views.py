@@ -57,6 +57,11 @@ def test_status_notes():
     assert views.learned_note({"seconds": 1.23, "updates": 1, "accuracy": 0.0}, 1) == "Learned from click 1 in 1.2 s."
     assert views.learned_note({"seconds": 2, "updates": 3, "accuracy": 0.4}, 4).endswith(
         "Before it, the model already leaned toward your pick in 40% of its steps.")
+    # step_evidence: the first clicks (or random ones) do not move the model, and the status says so
+    assert views.learned_note({"seconds": 1, "updates": 1, "accuracy": 0.0, "evidence_scale": 0.0}, 1) == \
+        "Learned from click 1 in 1.0 s. The model has not moved yet: it steps once your clicks agree with each other."
+    assert views.learned_note({"seconds": 1, "updates": 1, "evidence_scale": 0.256}, 9).endswith(
+        "Your clicks agree 0.26 of the way, so the model took 26% of a full step.")
     clicks = {"r1": 1, "r2": 2}
     assert views.busy_note({"running": "r2", "step": 3, "total": 10, "queued": 1}, clicks) == \
         "\u23f3 Learning from click 2: step 3 of 10; 1 more click waiting."
