@@ -34,7 +34,7 @@ class Settings:
     logprob_pool: int = 1           # D3PO: score each step on r×r average-pooled latents (1 = the full step)
     logprob_grid: int = 0           # D3PO: score each step on its G×G block means, any latent size (0 = off; 1 = channel means)
     step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
-    step_evidence: bool = False     # scale each click's step by how much the clicks' gradients agree (0 for random clicks)
+    step_evidence: bool = False     # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     beta: float = 0.3               # inverse temperature of the D3PO loss
     lr: float = 1e-2                # learning rate of the LoRA optimizer (sets only the direction when step_rms is on)
     dpo_beta: float = 5000.0        # β of the diffusion-dpo objective (diffusers' example scale)
@@ -73,6 +73,8 @@ class Settings:
         _check(self.step_weight in STEP_WEIGHTS, "step_weight", self.step_weight, f"use one of {STEP_WEIGHTS}")
         _check(self.step_rms is None or self.step_rms > 0, "step_rms", self.step_rms,
                "use None (off) or a positive RMS change such as 0.02")
+        _check(not self.step_evidence or self.step_rms is not None, "step_evidence", self.step_evidence,
+               "step_evidence sizes the trust region's step: set step_rms too (e.g. 0.06)")
         _check(self.logprob_pool >= 1, "logprob_pool", self.logprob_pool, "use 1 (off) or a pooling factor such as 4")
         _check(self.logprob_grid >= 0, "logprob_grid", self.logprob_grid, "use 0 (off) or a grid such as 1 or 4")
         _check(self.logprob_grid == 0 or self.logprob_pool == 1, "logprob_pool", self.logprob_pool,

@@ -13,6 +13,7 @@ SD 1.5 and SDXL. Two extra forwards without a graph per probe; the update itself
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -77,6 +78,13 @@ class TrustRegion:
             p.copy_(p0 + scale * (p - p0))
         return {"step_rms_raw": raw, "step_scale": scale}
 
+    @torch.no_grad()
+    def undo(self, params) -> dict[str, float]:
+        """Take the step back entirely (a step of size 0), without measuring it."""
+        for p, p0 in zip(params, self.weights):
+            p.copy_(p0)
+        return {"step_rms_raw": 0.0, "step_scale": 0.0}
+
 
 # ---------------------------------------------------------------- evidence (Settings.step_evidence)
 # Random clicks are symmetric: swapping winner and loser flips a click's gradient, so their
@@ -125,3 +133,20 @@ def evidence_scale(evidence: Evidence) -> float:
         return 0.0
     power = float(evidence.total.pow(2).sum())
     return max(0.0, 1.0 - evidence.count / power) if power > 0 else 0.0
+
+
+@torch.no_grad()
+def evidence_step(params, optimizer, evidence: Evidence, lr: float) -> float:
+    """Step the LoRA along −Σu (the clicks' agreed descent direction) by ``lr`` RMS per weight, for
+    the trust region to resize; the optimizer is not stepped. Returns this click's gradient norm
+    (FloatingPointError if it is not finite; the gradients are cleared either way)."""
+    norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params if p.grad is not None])))
+    optimizer.zero_grad(set_to_none=True)
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"non-finite gradient norm ({norm})")
+    direction = evidence.total / float(evidence.total.norm()) * lr * evidence.total.numel() ** 0.5
+    start = 0
+    for p in params:
+        p.sub_(direction[start:start + p.numel()].view_as(p).to(p.device, p.dtype))
+        start += p.numel()
+    return norm

@@ -115,13 +115,14 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     ``extra``: more ``(trajectory, pairs)`` to train in the same step (the pairs a preference
     model labelled, core/proxy.py); every pair weighs the same. The metrics are the click's own
     (its ``accuracy`` stays the fresh-pair accuracy) and the trust region is measured on the
-    click's images. With ``s.step_evidence`` the step is also scaled by the evidence that the
-    session's clicks agree (``core.trust_region.evidence_scale``); ``evidence`` (a
+    click's images. With ``s.step_evidence`` the step is not the optimizer's: it goes along the
+    sum of the session's unit click gradients (their agreed direction), sized ρ × the evidence
+    that they agree (``core.trust_region.evidence_scale``); ``evidence`` (a
     ``core.trust_region.Evidence``) gains this click, in place, once the step has succeeded.
     Returns ``(metrics, gradient norm)``.
     """
     from .objectives import get_objective
-    from .trust_region import Evidence, TrustRegion, add_click, evidence_scale, unit_gradient
+    from .trust_region import Evidence, TrustRegion, add_click, evidence_scale, evidence_step, unit_gradient
     generator = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
     with offload_for_update(pipe, device):   # text encoders and VAE off the accelerator meanwhile
         objective = get_objective(s.objective)
@@ -135,20 +136,19 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite loss ({metrics['loss']})")
-    scale, seen = 1.0, None
-    if s.step_evidence:
+    region = TrustRegion.before_step(pipe, traj, pairs, s, params, device) if s.step_rms else None
+    seen = None
+    if s.step_evidence:       # the step goes along the clicks' agreed direction, sized by the evidence
         seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params))
         scale = evidence_scale(seen)
         metrics["evidence_scale"] = scale
-    region = TrustRegion.before_step(pipe, traj, pairs, s, params, device) if s.step_rms else None
-    before = [p.detach().clone() for p in params] if region is None and scale != 1.0 else None
-    grad_norm = apply_gradients(params, optimizer, s.grad_clip)
-    if region is not None:
-        metrics.update(region.rescale(pipe, params, s.step_rms * scale))
-    elif before is not None:
-        with torch.no_grad():
-            for p, p0 in zip(params, before):
-                p.copy_(p0 + scale * (p - p0))
+        grad_norm = evidence_step(params, optimizer, seen, s.lr)
+        metrics.update(region.rescale(pipe, params, s.step_rms * scale) if scale > 0 else
+                       region.undo(params))
+    else:
+        grad_norm = apply_gradients(params, optimizer, s.grad_clip)
+        if region is not None:
+            metrics.update(region.rescale(pipe, params, s.step_rms))
     if not all(torch.isfinite(p).all() for p in params):
         raise FloatingPointError("the optimizer step made the LoRA non-finite")
     if seen is not None and evidence is not None:
