@@ -73,12 +73,11 @@ class Settings:
         _check(self.step_weight in STEP_WEIGHTS, "step_weight", self.step_weight, f"use one of {STEP_WEIGHTS}")
         _check(self.step_rms is None or self.step_rms > 0, "step_rms", self.step_rms,
                "use None (off) or a positive RMS change such as 0.02")
-        _check(not self.step_evidence or self.step_rms is not None, "step_evidence", self.step_evidence,
-               "step_evidence sizes the trust region's step: set step_rms too (e.g. 0.06)")
         _check(self.logprob_pool >= 1, "logprob_pool", self.logprob_pool, "use 1 (off) or a pooling factor such as 4")
         _check(self.logprob_grid >= 0, "logprob_grid", self.logprob_grid, "use 0 (off) or a grid such as 1 or 4")
         _check(self.logprob_grid == 0 or self.logprob_pool == 1, "logprob_pool", self.logprob_pool,
-               "set logprob_pool=1 when logprob_grid is on (they are two ways to choose the same view)")
+               "logprob_pool and logprob_grid choose the same coarse view: set logprob_grid=0 to use "
+               "logprob_pool, or logprob_pool=1")
         _check(self.dpo_beta > 0, "dpo_beta", self.dpo_beta, "use a positive number such as 5000")
         _check(self.dpo_timesteps >= 1, "dpo_timesteps", self.dpo_timesteps, "use 1 or more timesteps")
         _check(self.beta > 0, "beta", self.beta, "use a positive number such as 0.1")
@@ -104,6 +103,12 @@ class Settings:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "use 1 or more")
 
     @classmethod
+    def stored(cls, data: dict) -> "Settings":
+        """The settings of a session.json: a field added after it was written takes the value that
+        keeps that session's old behaviour (``ADDED_LATER``), not today's default."""
+        return cls.from_dict({**ADDED_LATER, **data})
+
+    @classmethod
     def from_dict(cls, data: dict) -> "Settings":
         """Build from a dict (e.g. session.json), refusing unknown keys by name."""
         known = {f.name for f in fields(cls)}
@@ -124,6 +129,9 @@ class Settings:
         return self.from_dict({**self.to_dict(), **changes})
 
 
+# Fields whose default changed the update when they were added: a session.json without them was
+# trained without them, and keeps training so when it is reopened.
+ADDED_LATER = {"logprob_grid": 0, "step_evidence": False}
 # Settings that only change sampling, so a session may change them after its first update.
 SAMPLING_FIELDS = ("steps", "guidance", "eta", "height", "width")
 # Settings fixed once a LoRA exists (they define its shape or its optimizer).
@@ -135,4 +143,4 @@ def _check(ok: bool, name: str, value, fix: str):
         raise ConfigError(f"setting {name}={value!r} is invalid: {fix}")
 
 
-__all__ = ["Settings", "SAMPLING_FIELDS", "FIXED_AFTER_FIRST_UPDATE"]
+__all__ = ["Settings", "SAMPLING_FIELDS", "FIXED_AFTER_FIRST_UPDATE", "ADDED_LATER"]

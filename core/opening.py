@@ -110,7 +110,7 @@ def _has_updates(sf: SessionFolder) -> bool:
 
 
 def _merge_settings(meta: dict, given: dict, has_updates: bool) -> Settings:
-    stored = Settings.from_dict(meta["settings"])
+    stored = Settings.stored(meta["settings"])
     if has_updates:
         changed = [k for k in FIXED_AFTER_FIRST_UPDATE if k in given and
                    Settings.from_dict({**stored.to_dict(), k: given[k]}).to_dict()[k] != stored.to_dict()[k]]

@@ -58,7 +58,7 @@ def replay_train(session_folder, *, epochs: int = 1, batch: int = 1, model: str 
     if not folder.exists():
         raise SessionError(f"{folder.root} is not a session folder (no session.json)")
     meta = folder.read_meta()
-    settings = Settings.from_dict(meta["settings"]).replace(**overrides)
+    settings = Settings.stored(meta["settings"]).replace(**overrides)
     prefs = preferences(folder)
     if not prefs:
         raise SessionError(f"session {folder.root} has no preference to train on")

@@ -144,6 +144,8 @@ def evidence_step(params, optimizer, evidence: Evidence, lr: float) -> float:
     optimizer.zero_grad(set_to_none=True)
     if not math.isfinite(norm):
         raise FloatingPointError(f"non-finite gradient norm ({norm})")
+    if lr == 0:
+        return norm
     direction = evidence.total / float(evidence.total.norm()) * lr * evidence.total.numel() ** 0.5
     start = 0
     for p in params:

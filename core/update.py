@@ -117,7 +117,8 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     (its ``accuracy`` stays the fresh-pair accuracy) and the trust region is measured on the
     click's images. With ``s.step_evidence`` the step is not the optimizer's: it goes along the
     sum of the session's unit click gradients (their agreed direction), sized ρ × the evidence
-    that they agree (``core.trust_region.evidence_scale``); ``evidence`` (a
+    that they agree (``core.trust_region.evidence_scale``; without a trust region, lr × the
+    evidence RMS per LoRA weight); ``evidence`` (a
     ``core.trust_region.Evidence``) gains this click, in place, once the step has succeeded.
     Returns ``(metrics, gradient norm)``.
     """
@@ -142,9 +143,9 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
         seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params))
         scale = evidence_scale(seen)
         metrics["evidence_scale"] = scale
-        grad_norm = evidence_step(params, optimizer, seen, s.lr)
-        metrics.update(region.rescale(pipe, params, s.step_rms * scale) if scale > 0 else
-                       region.undo(params))
+        grad_norm = evidence_step(params, optimizer, seen, s.lr if region is not None else s.lr * scale)
+        if region is not None:
+            metrics.update(region.rescale(pipe, params, s.step_rms * scale) if scale > 0 else region.undo(params))
     else:
         grad_norm = apply_gradients(params, optimizer, s.grad_clip)
         if region is not None:

@@ -110,8 +110,26 @@ def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, family, grid
         s.close()
 
 
-def test_evidence_needs_a_trust_region():
-    from d3po_studio.core.config import Settings
-    from d3po_studio.core.errors import ConfigError
-    with pytest.raises(ConfigError, match="set step_rms too"):
-        Settings(step_evidence=True, step_rms=None)
+def test_evidence_without_a_trust_region_steps_lr_times_the_evidence(tmp_path, tiny_sd1):
+    """step_rms=None: the step along −Σu is lr × the factor RMS per LoRA weight."""
+    from d3po_studio import Session
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
+                      optimizer="adamw", step_rms=None, step_evidence=True, lr=1e-3) as s:
+        batch = s.sample("a red circle", n=2, seed=0)
+        start = [p.detach().clone() for p in s.params]
+        assert s.prefer(batch, best=1)["evidence_scale"] == 0.0
+        assert all(torch.equal(p, q) for p, q in zip(s.params, start))
+        u = s._train.evidence.total.clone()
+        s._train.evidence.total, s._train.evidence.count = 3 * u, 3
+        s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
+        moved = torch.cat([(p - q).reshape(-1) for p, q in zip(s.params, start)])
+        assert float(moved.pow(2).mean().sqrt()) == pytest.approx(1e-3 * 0.75, rel=1e-3)
+        assert torch.allclose(moved / moved.norm(), -u, atol=1e-5)
+
+
+def test_a_stored_session_keeps_the_update_it_was_trained_with():
+    """A session.json written before logprob_grid and step_evidence existed reopens without them."""
+    from d3po_studio.core.config import ADDED_LATER, Settings
+    old = {k: v for k, v in Settings().to_dict().items() if k not in ADDED_LATER}
+    assert Settings.stored(old).step_evidence is False and Settings.stored(old).logprob_grid == 0
+    assert Settings.stored(Settings().to_dict()) == Settings()
