@@ -16,8 +16,10 @@ extra pair is used only while the model has shown that it predicts the user:
                predicted by a model fitted only on the clicks before it ("prequential": no click
                predicts itself); the extra pair is used only when those predictions beat chance
                (1/n per click of n images) with a one-sided binomial p < ALPHA. Random clicks
-               leave the gate shut (the model predicts them at chance), so the option then does
-               nothing and costs nothing.
+               mostly leave the gate shut (the model predicts them at chance), and the option then
+               does nothing and costs nothing; the window is tested again at every click, so it
+               does open by chance now and then (docs/algorithm.md: do not combine with
+               ``step_evidence``, which reads the extra pairs' agreement as the user's).
 
 All functions here are pure (numpy in, numpy out); ``core.session`` gathers the clicks and samples.
 """
