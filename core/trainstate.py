@@ -72,12 +72,11 @@ class TrainState:
         self.optimizer.load_state_dict(state.optimizer)
         for group in self.optimizer.param_groups:
             group["lr"], group["weight_decay"] = self.settings.lr, self.settings.weight_decay
-        self.evidence = Evidence(state.evidence.total, state.evidence.count)
+        self.evidence = state.evidence.copy()
 
     def snapshot(self, updates: int) -> State:
-        total = self.evidence.total.clone() if self.evidence.total is not None else None
         return State(lora_state(self.unet, self.adapter), copy.deepcopy(self.optimizer.state_dict()), updates,
-                     evidence=Evidence(total, self.evidence.count))
+                     evidence=self.evidence.copy())
 
     def commit(self, round_id: str, parent: str | None, updates: int) -> str:
         """Write the current state as a complete checkpoint; returns its name (HEAD not moved)."""

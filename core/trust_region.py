@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .sampling import Trajectory, predict_noise
-from .update import pair_slots
+from .update import gradient_norm, pair_slots
 
 PROBES = 3   # trajectory steps at which the change of the predictions is measured
 
@@ -99,6 +99,10 @@ class Evidence:
     total: torch.Tensor | None = None      # flat float32, CPU
     count: int = 0
 
+    def copy(self) -> "Evidence":
+        """An independent copy (the running sum cloned)."""
+        return Evidence(self.total.clone() if self.total is not None else None, self.count)
+
     def to_tensors(self) -> dict[str, torch.Tensor]:
         total = self.total if self.total is not None else torch.zeros(0)
         return {"total": total.contiguous(), "count": torch.tensor([self.count])}
@@ -140,7 +144,7 @@ def evidence_step(params, optimizer, evidence: Evidence, lr: float) -> float:
     """Step the LoRA along −Σu (the clicks' agreed descent direction) by ``lr`` RMS per weight, for
     the trust region to resize; the optimizer is not stepped. Returns this click's gradient norm
     (FloatingPointError if it is not finite; the gradients are cleared either way)."""
-    norm = float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params if p.grad is not None])))
+    norm = gradient_norm(params)
     optimizer.zero_grad(set_to_none=True)
     if not math.isfinite(norm):
         raise FloatingPointError(f"non-finite gradient norm ({norm})")

@@ -88,13 +88,18 @@ def pair_slots(pairs: list[tuple[int, int]], device):
     return images, w, l
 
 
+def gradient_norm(params) -> float:
+    """The global norm of the LoRA's current gradients (float32)."""
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in params if p.grad is not None])))
+
+
 def apply_gradients(params: list[torch.nn.Parameter], optimizer, grad_clip: float) -> float:
     """Clip, check and step. Returns the gradient norm; raises FloatingPointError if non-finite
     (the optimizer has then not stepped and the gradients are cleared)."""
     if grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        norm = gradient_norm(params)
     norm = float(norm)
     if not torch.isfinite(torch.tensor(norm)):
         optimizer.zero_grad(set_to_none=True)
