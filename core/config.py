@@ -34,6 +34,7 @@ class Settings:
     logprob_pool: int = 1           # D3PO: score each step on r×r average-pooled latents (1 = the full step)
     logprob_grid: int = 0           # D3PO: score each step on its G×G block means, any latent size (0 = off; 1 = channel means)
     step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
+    drift_budget: float | None = None  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
     step_evidence: bool = False     # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     beta: float = 0.3               # inverse temperature of the D3PO loss
     lr: float = 1e-2                # learning rate of the LoRA optimizer (sets only the direction when step_rms is on)
@@ -73,6 +74,10 @@ class Settings:
         _check(self.step_weight in STEP_WEIGHTS, "step_weight", self.step_weight, f"use one of {STEP_WEIGHTS}")
         _check(self.step_rms is None or self.step_rms > 0, "step_rms", self.step_rms,
                "use None (off) or a positive RMS change such as 0.02")
+        _check(self.drift_budget is None or self.drift_budget > 0, "drift_budget", self.drift_budget,
+               "use None (off) or a positive RMS change from the base such as 0.2")
+        _check(self.drift_budget is None or self.step_rms is not None, "drift_budget", self.drift_budget,
+               "the anchor cuts the trust region's step: set step_rms too (e.g. 0.03), or drift_budget=None")
         _check(self.logprob_pool >= 1, "logprob_pool", self.logprob_pool, "use 1 (off) or a pooling factor such as 4")
         _check(self.logprob_grid >= 0, "logprob_grid", self.logprob_grid, "use 0 (off) or a grid such as 1 or 4")
         _check(self.logprob_grid == 0 or self.logprob_pool == 1, "logprob_pool", self.logprob_pool,
@@ -131,7 +136,7 @@ class Settings:
 
 # Fields whose default changed the update when they were added: a session.json without them was
 # trained without them, and keeps training so when it is reopened.
-ADDED_LATER = {"logprob_grid": 0, "step_evidence": False}
+ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None}
 # Settings that only change sampling, so a session may change them after its first update.
 SAMPLING_FIELDS = ("steps", "guidance", "eta", "height", "width")
 # Settings fixed once a LoRA exists (they define its shape or its optimizer).

@@ -10,6 +10,11 @@ the RMS taken over the model's (guided) outputs f on the images of this click at
 own trajectory steps ("probes"). ρ (``Settings.step_rms``) is in units of the noise prediction,
 which has unit variance on every model, so one setting carries over from the embedded model to
 SD 1.5 and SDXL. Two extra forwards without a graph per probe; the update itself is unchanged.
+
+An anchor to the base (``Settings.drift_budget``): the same probes are also run with the LoRA off,
+and the step is cut so that the predictions end no further than the budget B from the base's,
+RMS(f − f_ref) ≤ max(B, where they were): the step is projected onto a ball in function space
+around the base model (``anchored_scale``). Steps sideways or back toward the base stay allowed.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .lora import lora_disabled
 from .sampling import Trajectory, predict_noise
 from .update import gradient_norm, pair_slots
 
@@ -50,9 +56,26 @@ def predictions(pipe, trajectory: Trajectory, steps: list[int], images: list[int
     return out
 
 
+def anchored_scale(drift: torch.Tensor, change: torch.Tensor, scale: float, budget: float) -> float:
+    """The largest s' in [0, scale] with RMS(drift + s'·change) ≤ max(budget, RMS(drift)).
+
+    ``drift``: the predictions now minus the base's (LoRA off); ``change``: what the proposed step
+    does to them per unit of scale (linearised). Solves the quadratic R s² + 2C s + A ≤ bound² with
+    A = mean(drift²), C = mean(drift·change), R = mean(change²): a step that would leave the ball is
+    cut at its edge; one that starts outside may only go back in (or sideways) as far as it started.
+    """
+    a, c, r = (float(v) for v in (drift.pow(2).mean(), (drift * change).mean(), change.pow(2).mean()))
+    bound = max(budget * budget, a)
+    if r == 0 or a + 2 * c * scale + r * scale * scale <= bound:
+        return scale
+    root = (-c + math.sqrt(max(c * c - r * (a - bound), 0.0))) / r
+    return min(scale, max(0.0, root))
+
+
 @dataclass
 class TrustRegion:
-    """What is needed to rescale one optimizer step: the weights and predictions before it."""
+    """What is needed to rescale one optimizer step: the weights and predictions before it (and
+    the base's, LoRA off, when the step is anchored)."""
     weights: list[torch.Tensor]
     outputs: list[torch.Tensor]
     trajectory: Trajectory
@@ -60,23 +83,40 @@ class TrustRegion:
     images: list[int]
     guidance: float
     device: torch.device
+    base: list[torch.Tensor] | None = None
+    budget: float | None = None
 
     @classmethod
     def before_step(cls, pipe, trajectory: Trajectory, pairs, s, params, device) -> "TrustRegion":
         steps = probe_steps(len(trajectory.timesteps))
         images = pair_slots(pairs, device)[0]
         outputs = predictions(pipe, trajectory, steps, images, s.guidance, device)
-        return cls([p.detach().clone() for p in params], outputs, trajectory, steps, images, s.guidance, device)
+        base = None
+        if s.drift_budget is not None:
+            with lora_disabled(pipe.unet):
+                base = predictions(pipe, trajectory, steps, images, s.guidance, device)
+        return cls([p.detach().clone() for p in params], outputs, trajectory, steps, images, s.guidance, device,
+                   base, s.drift_budget)
 
     @torch.no_grad()
     def rescale(self, pipe, params, target: float) -> dict[str, float]:
-        """Rescale the step just taken so the predictions move by ``target`` RMS; return metrics."""
+        """Rescale the step just taken so the predictions move by ``target`` RMS (cut at the
+        anchor's budget); return metrics."""
         after = predictions(pipe, self.trajectory, self.steps, self.images, self.guidance, self.device)
         raw = rms_change(self.outputs, after)
         scale = target / raw if raw > 0 else 0.0     # target 0 (no evidence yet): no step
+        metrics = {"step_rms_raw": raw}
+        if self.base is not None and scale > 0:
+            drift = torch.cat([(o - b).reshape(-1) for o, b in zip(self.outputs, self.base)])
+            change = torch.cat([(a - o).reshape(-1) for a, o in zip(after, self.outputs)])
+            metrics["drift_rms"] = float(drift.pow(2).mean()) ** 0.5
+            anchored = anchored_scale(drift, change, scale, self.budget)
+            metrics["anchor_cut"] = 1.0 - anchored / scale
+            scale = anchored
         for p, p0 in zip(params, self.weights):
             p.copy_(p0 + scale * (p - p0))
-        return {"step_rms_raw": raw, "step_scale": scale}
+        metrics["step_scale"] = scale
+        return metrics
 
     @torch.no_grad()
     def undo(self, params) -> dict[str, float]:

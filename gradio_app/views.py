@@ -59,7 +59,7 @@ def learned_note(report: dict, clicks: int) -> str:
     agreed = report.get("accuracy") if report.get("updates", 1) > 1 else None
     before = "" if agreed is None else (
         f" Before it, the model already leaned toward your pick in {agreed:.0%} of its steps.")
-    return f"Learned from click {clicks} in {report['seconds']:.1f} s.{before}{evidence_note(report)}"
+    return f"Learned from click {clicks} in {report['seconds']:.1f} s.{before}{evidence_note(report)}{anchor_note(report)}"
 
 
 def evidence_note(report: dict) -> str:
@@ -70,6 +70,15 @@ def evidence_note(report: dict) -> str:
     if scale <= 0:
         return " The model has not moved yet: it steps once your clicks agree with each other."
     return f" Your clicks agree {scale:.2f} of the way, so the model took {scale:.0%} of a full step."
+
+
+def anchor_note(report: dict) -> str:
+    """With ``drift_budget``: when the click's step was cut at the distance the model may go from the base."""
+    cut = report.get("anchor_cut") or 0.0
+    if cut <= 0:
+        return ""
+    return (f" The model is at its set distance from the base model, so this click moved it only "
+            f"{1 - cut:.0%} of its step (undo, or raise drift_budget in a new session, to go further).")
 
 
 def busy_note(pending: dict, clicks: dict[str, int]) -> str:

@@ -62,6 +62,10 @@ def test_status_notes():
         "Learned from click 1 in 1.0 s. The model has not moved yet: it steps once your clicks agree with each other."
     assert views.learned_note({"seconds": 1, "updates": 1, "evidence_scale": 0.256}, 9).endswith(
         "Your clicks agree 0.26 of the way, so the model took 26% of a full step.")
+    # drift_budget: a click cut at the anchor says so; an uncut one says nothing more
+    assert views.learned_note({"seconds": 1, "updates": 1, "anchor_cut": 0.0}, 3) == "Learned from click 3 in 1.0 s."
+    assert views.learned_note({"seconds": 1, "updates": 1, "anchor_cut": 0.75}, 30).endswith(
+        "so this click moved it only 25% of its step (undo, or raise drift_budget in a new session, to go further).")
     clicks = {"r1": 1, "r2": 2}
     assert views.busy_note({"running": "r2", "step": 3, "total": 10, "queued": 1}, clicks) == \
         "\u23f3 Learning from click 2: step 3 of 10; 1 more click waiting."

@@ -1,0 +1,65 @@
+"""``drift_budget``: the anchor to the base. A click's step is cut so that the model's predictions
+on its trajectory end no further than the budget (RMS) from the base's, LoRA off.
+
+Pure: the projection onto the ball against hand numbers. In a session, on SD 1.x- and SDXL-shaped
+tiny models: clicks that would carry the model past the budget stop at it (measured with the LoRA
+switched off, as the anchor does), while the same clicks without the anchor go on.
+"""
+import pytest
+import torch
+
+from d3po_studio.core.lora import lora_disabled
+from d3po_studio.core.trust_region import anchored_scale, predictions, probe_steps, rms_change
+
+
+def _t(*values):
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_anchored_scale_against_hand_numbers():
+    # from the base, a unit-RMS change: the step stops at the budget
+    assert anchored_scale(_t(0, 0), _t(1, 1), 0.5, 0.3) == pytest.approx(0.3)
+    # inside the ball with room for the whole step: unchanged
+    assert anchored_scale(_t(0.1, 0.1), _t(1, 1), 0.1, 0.3) == pytest.approx(0.1)
+    # 0.2 out along the step's own direction: 0.1 of room left
+    assert anchored_scale(_t(0.2, 0.2), _t(1, 1), 0.5, 0.3) == pytest.approx(0.1)
+    # sideways from 0.2 (orthogonal, unit RMS): 0.2² + s² ≤ 0.3² up to s = √0.05; at the edge, none
+    assert anchored_scale(_t(0.2 * 2 ** 0.5, 0), _t(0, 2 ** 0.5), 1.0, 0.3) == pytest.approx(0.05 ** 0.5)
+    assert anchored_scale(_t(0.3 * 2 ** 0.5, 0), _t(0, 2 ** 0.5), 1.0, 0.3) == pytest.approx(0.0, abs=1e-6)
+    # outside the ball (0.5 > 0.3): moving back in is allowed, up to where it started
+    assert anchored_scale(_t(0.5, 0.5), _t(-1, -1), 0.4, 0.3) == pytest.approx(0.4)
+    assert anchored_scale(_t(0.5, 0.5), _t(-1, -1), 2.0, 0.3) == pytest.approx(1.0)
+    # … and moving further out is not
+    assert anchored_scale(_t(0.5, 0.5), _t(1, 1), 0.4, 0.3) == 0.0
+    # a step that changes nothing is left alone
+    assert anchored_scale(_t(0.5, 0.5), _t(0, 0), 0.4, 0.3) == 0.4
+
+
+def _drift(s, batch):
+    """RMS of (predictions − the base's) on the batch's trajectory, at the trust region's probes."""
+    probes = probe_steps(len(batch.trajectory.timesteps))
+    now = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
+    with lora_disabled(s.pipe.unet):
+        base = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
+    return rms_change(base, now)
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_clicks_stop_at_the_budget(tmp_path, family):
+    from d3po_studio import Session
+    from d3po_studio.core.tiny import tiny_pipeline
+    pipe, rho, budget = tiny_pipeline(family), 0.02, 0.05
+    drifts = {}
+    for name, anchor in (("free", None), ("anchored", budget)):
+        with Session.open(tmp_path / name, model=f"tiny-{family}", pipeline=pipe, steps=4, dtype="float32",
+                          optimizer="adamw", step_rms=rho, drift_budget=anchor, train_fraction=1.0) as s:
+            reports = []
+            for _ in range(5):            # the same noise and the same choice: one direction, 5 × ρ
+                batch = s.sample("a red circle", n=2, seed=0)
+                reports.append(s.prefer(batch, best=1))
+            drifts[name] = _drift(s, batch)
+    if anchor is not None:
+        assert reports[0]["anchor_cut"] == 0.0 and reports[0]["drift_rms"] == pytest.approx(0.0, abs=1e-6)
+        assert reports[-1]["anchor_cut"] > 0.5        # the last clicks were cut
+    assert drifts["free"] > 1.5 * budget               # without the anchor the clicks carry on
+    assert drifts["anchored"] == pytest.approx(budget, rel=0.15)
