@@ -132,9 +132,12 @@ def test_cancel_and_a_bad_seed_in_the_page(app):
             steps = page.locator("#steps input[type=number]")
             steps.fill("100")
             steps.press("Enter")
+            expect(steps).to_have_value("100")
             page.locator("#sample").click()
             expect(page.locator("#sample")).to_be_disabled(timeout=5_000)
-            page.wait_for_timeout(1500)
+            # Cancel once the sampling has started (its progress bar is up), not after a fixed wait:
+            # a wait long enough on a loaded machine let a fast one finish the 100 steps first
+            expect(page.get_by_text("sampling").first).to_be_visible(timeout=120_000)
             page.locator("#cancel").click()
             expect(page.locator("#status")).to_contain_text("Cancelled", timeout=5_000)
             expect(page.locator("#sample")).to_be_enabled(timeout=10_000)
