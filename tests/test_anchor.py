@@ -63,3 +63,19 @@ def test_clicks_stop_at_the_budget(tmp_path, family):
         assert reports[-1]["anchor_cut"] > 0.5        # the last clicks were cut
     assert drifts["free"] > 1.5 * budget               # without the anchor the clicks carry on
     assert drifts["anchored"] == pytest.approx(budget, rel=0.15)
+
+
+def test_a_budget_never_reached_changes_nothing(tmp_path, tiny_sd1):
+    """Below the budget the anchored session trains bit for bit as the free one (so a control run
+    that never reached the budget stands for both)."""
+    from d3po_studio import Session
+    trained = []
+    for name, anchor in (("free", None), ("far", 10.0)):
+        with Session.open(tmp_path / name, model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
+                          optimizer="adamw", step_rms=0.02, drift_budget=anchor, step_evidence=True) as s:
+            start = [p.detach().clone() for p in s.params]
+            for seed, best in ((0, 1), (1, 0), (0, 1)):
+                s.prefer(s.sample("a red circle", n=2, seed=seed), best=best)
+            trained.append([p.detach().clone() for p in s.params])
+            assert not all(torch.equal(a, b) for a, b in zip(start, trained[-1]))    # the clicks moved it
+    assert all(torch.equal(a, b) for a, b in zip(*trained))
