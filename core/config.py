@@ -76,8 +76,6 @@ class Settings:
                "use None (off) or a positive RMS change such as 0.02")
         _check(self.drift_budget is None or self.drift_budget > 0, "drift_budget", self.drift_budget,
                "use None (off) or a positive RMS change from the base such as 0.2")
-        _check(self.drift_budget is None or self.step_rms is not None, "drift_budget", self.drift_budget,
-               "the anchor cuts the trust region's step: set step_rms too (e.g. 0.03), or drift_budget=None")
         _check(self.logprob_pool >= 1, "logprob_pool", self.logprob_pool, "use 1 (off) or a pooling factor such as 4")
         _check(self.logprob_grid >= 0, "logprob_grid", self.logprob_grid, "use 0 (off) or a grid such as 1 or 4")
         _check(self.logprob_grid == 0 or self.logprob_pool == 1, "logprob_pool", self.logprob_pool,

@@ -99,12 +99,15 @@ class TrustRegion:
                    base, s.drift_budget)
 
     @torch.no_grad()
-    def rescale(self, pipe, params, target: float) -> dict[str, float]:
-        """Rescale the step just taken so the predictions move by ``target`` RMS (cut at the
-        anchor's budget); return metrics."""
+    def rescale(self, pipe, params, target: float | None) -> dict[str, float]:
+        """Rescale the step just taken so the predictions move by ``target`` RMS (None: keep its
+        size), cut at the anchor's budget; return metrics."""
         after = predictions(pipe, self.trajectory, self.steps, self.images, self.guidance, self.device)
         raw = rms_change(self.outputs, after)
-        scale = target / raw if raw > 0 else 0.0     # target 0 (no evidence yet): no step
+        if target is None:
+            scale = 1.0
+        else:
+            scale = target / raw if raw > 0 else 0.0     # target 0 (no evidence yet): no step
         metrics = {"step_rms_raw": raw}
         if self.base is not None and scale > 0:
             drift = torch.cat([(o - b).reshape(-1) for o, b in zip(self.outputs, self.base)])

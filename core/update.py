@@ -116,7 +116,9 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     1. the objective named by ``s.objective`` (core/objectives.py) accumulates its gradients;
     2. a non-finite loss or gradient raises FloatingPointError before anything has stepped;
     3. the optimizer steps; with ``s.step_rms`` the step is then rescaled so that the model's
-       predictions along this batch's trajectory move by exactly that RMS (core/trust_region.py).
+       predictions along this batch's trajectory move by exactly that RMS, and with
+       ``s.drift_budget`` cut where they would leave the budget around the base's
+       (core/trust_region.py).
     ``extra``: more ``(trajectory, pairs)`` to train in the same step (the pairs a preference
     model labelled, core/proxy.py); every pair weighs the same. The metrics are the click's own
     (its ``accuracy`` stays the fresh-pair accuracy) and the trust region is measured on the
@@ -142,15 +144,19 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     if not all(torch.isfinite(torch.tensor(v)) for v in metrics.values()):
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite loss ({metrics['loss']})")
-    region = TrustRegion.before_step(pipe, traj, pairs, s, params, device) if s.step_rms else None
+    measured = s.step_rms is not None or s.drift_budget is not None
+    region = TrustRegion.before_step(pipe, traj, pairs, s, params, device) if measured else None
     seen = None
     if s.step_evidence:       # the step goes along the clicks' agreed direction, sized by the evidence
         seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params))
         scale = evidence_scale(seen)
         metrics["evidence_scale"] = scale
-        grad_norm = evidence_step(params, optimizer, seen, s.lr if region is not None else s.lr * scale)
+        grad_norm = evidence_step(params, optimizer, seen, s.lr if s.step_rms is not None else s.lr * scale)
         if region is not None:
-            metrics.update(region.rescale(pipe, params, s.step_rms * scale) if scale > 0 else region.undo(params))
+            if scale == 0:
+                metrics.update(region.undo(params))
+            else:
+                metrics.update(region.rescale(pipe, params, s.step_rms * scale if s.step_rms is not None else None))
     else:
         grad_norm = apply_gradients(params, optimizer, s.grad_clip)
         if region is not None:
