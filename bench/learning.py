@@ -2,8 +2,9 @@
 
     python -m d3po_studio.bench.learning                       # the full study (~1 h+ on 2 cores)
     python -m d3po_studio.bench.learning --quick               # brighter + random, pairs, 25 clicks
-    python -m d3po_studio.bench.learning --variant official step_weight=none step_rms=none \\
-        --choosers brighter random --modes 2 --workdir runs/    # compare a setting against the defaults
+    python -m d3po_studio.bench.learning --variant full logprob_grid=0 step_evidence=false \\
+        drift_budget=null step_rms=0.02 --choosers brighter random --modes 2 --workdir runs/
+                                                               # compare a setting against the defaults
 
 A cell is (settings variant, chooser, images per click, seed): a fresh session on the embedded
 model, ``--clicks`` simulated clicks (core/simulate.py), evaluated after 10, 25 and 50 clicks on

@@ -32,10 +32,10 @@ class Settings:
     objective: str = "d3po"         # "d3po" (per-step, on the trajectory) or "diffusion-dpo" (final images)
     step_weight: str = "noise"      # D3PO per-step log-ratio scale: "noise" (σ²/c², docs/algorithm.md) or "none" (official)
     logprob_pool: int = 1           # D3PO: score each step on r×r average-pooled latents (1 = the full step)
-    logprob_grid: int = 0           # D3PO: score each step on its G×G block means, any latent size (0 = off; 1 = channel means)
-    step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
-    drift_budget: float | None = None  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
-    step_evidence: bool = False     # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
+    logprob_grid: int = 1           # D3PO: score each step on its G×G block means, any latent size (0 = off; 1 = channel means)
+    step_rms: float | None = 0.03   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
+    drift_budget: float | None = 0.15  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
+    step_evidence: bool = True     # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     beta: float = 0.3               # inverse temperature of the D3PO loss
     lr: float = 1e-2                # learning rate of the LoRA optimizer (sets only the direction when step_rms is on)
     dpo_beta: float = 5000.0        # β of the diffusion-dpo objective (diffusers' example scale)

@@ -95,9 +95,12 @@ class LoadSession:
                                         "(embedded model: loras/d3po-embedded/<session_name>.embedded"
                                         ".safetensors, apart from the LoRAs of real checkpoints)."),
                 io.Float.Input("lr", default=Settings().lr, min=1e-6, max=1.0, step=1e-4,
-                               tooltip="Learning rate of the LoRA optimizer (higher = faster, riskier)."),
+                               tooltip="Learning rate of the LoRA optimizer. With the default update it does not "
+                                       "set how far a click moves the model: the trust region and the "
+                                       "clicks' agreement do (docs/settings.md)."),
                 io.Float.Input("beta", default=Settings().beta, min=1e-4, max=100.0, step=0.01,
-                               tooltip="Inverse temperature of the preference loss; larger = smaller steps."),
+                               tooltip="Inverse temperature of the preference loss (the step's size is the "
+                                       "trust region's, docs/settings.md)."),
                 io.Int.Input("lora_rank", default=4, min=1, max=128,
                              tooltip="LoRA rank (fixed after the first update)."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="auto",

@@ -27,9 +27,10 @@ def tiny_sdxl():
 
 @pytest.fixture
 def tiny_session(tmp_path, tiny_sd1):
-    """A float32 session on the tiny SD1 pipeline, 4 DDIM steps, plain AdamW."""
+    """A float32 session on the tiny SD1 pipeline, 4 DDIM steps, plain AdamW stepping every click
+    (step_evidence off: the default waits until clicks agree, which plumbing tests do not)."""
     from d3po_studio import Session
     s = Session.open(tmp_path / "session", model="tiny-sd1", pipeline=tiny_sd1, steps=4,
-                     dtype="float32", optimizer="adamw", lr=1e-2)
+                     dtype="float32", optimizer="adamw", lr=1e-2, step_evidence=False)
     yield s
     s.close()

@@ -132,4 +132,21 @@ def test_a_stored_session_keeps_the_update_it_was_trained_with():
     from d3po_studio.core.config import ADDED_LATER, Settings
     old = {k: v for k, v in Settings().to_dict().items() if k not in ADDED_LATER}
     assert Settings.stored(old).step_evidence is False and Settings.stored(old).logprob_grid == 0
+    assert Settings.stored(old).drift_budget is None and Settings().drift_budget is not None
     assert Settings.stored(Settings().to_dict()) == Settings()
+
+
+def test_the_default_update_moves_the_lora_without_optimizer_states(tmp_path, tiny_sd1):
+    """The defaults step along the evidence: the LoRA moves once clicks agree, and the optimizer
+    is never stepped, so it holds no states (the memory tables measure the optimizer's path)."""
+    from d3po_studio import Session
+    from d3po_studio.core.config import Settings
+    assert Settings().step_evidence and Settings().drift_budget is not None
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
+                      optimizer="adamw") as s:
+        start = [p.detach().clone() for p in s.params]
+        for _ in range(3):                  # the same batch and pick: clicks that agree
+            report = s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
+        assert report["evidence_scale"] > 0 and "drift_rms" in report
+        assert not all(torch.equal(p, q) for p, q in zip(s.params, start))
+        assert not s.optimizer.state

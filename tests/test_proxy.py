@@ -94,7 +94,7 @@ def test_extra_pairs_weigh_exactly_like_the_clicks_own(tiny_sd1):
     """Training a click with a copy of itself as the extra pair gives the very same step."""
     pipe = tiny_sd1
     pipe.set_progress_bar_config(disable=True)
-    s = Settings(steps=4, dtype="float32", optimizer="adamw", guidance=3.0)
+    s = Settings(steps=4, dtype="float32", optimizer="adamw", guidance=3.0, step_evidence=False)
     params = add_lora(pipe.unet, s.lora_rank, s.lora_alpha, s.lora_targets, seed=0)
     traj = sample_trajectory(pipe, "a red circle", "", 3, seed=1, steps=4, guidance=3.0, eta=1.0,
                              height=16, width=16, device="cpu")
