@@ -68,7 +68,7 @@ def build_app(model: str = "embedded", session=None, sessions_dir=None, export_d
                 prompt = gr.Textbox(label="Prompt", value="a red circle", scale=3, elem_id="prompt")
                 negative = gr.Textbox(label="Negative prompt", scale=2)
             with gr.Row():
-                n = gr.Radio([2, 3, 4], value=2, label="Images per round")
+                n = gr.Radio([2, 3, 4], value=4, label="Images per round")
                 sample_btn = gr.Button("Sample", variant="primary", elem_id="sample")
                 none_btn = gr.Button("None is good", elem_id="none")
                 undo_btn = gr.Button("Undo last update", elem_id="undo")

@@ -161,13 +161,13 @@ class Callbacks:
         session.prefer(round_id, best=parse_count(best, "best (the number of the image you prefer, from 0)", 0),
                        wait=False,
                        progress=stop_updates(self.cancels.update_flag(request.session_hash, session)))
-        note = f"Click {_clicks(session)} saved; the model learns from it while you look at the next pair."
+        note = f"Click {_clicks(session)} saved; the model learns from it while you look at the next images."
         try:
             with self.cancels.running(request.session_hash) as flag, stop_when(flag, session.pipe.unet):
                 batch = self._sample(session, prompt, negative, n, seed, sampling, progress)
-        except Cancelled:                  # the update goes on; only the next pair was cancelled
+        except Cancelled:                  # the update goes on; only the next images were cancelled
             return (None, gr.Gallery(value=[], selected_index=None), gr.skip(),
-                    f"{note} The next pair was cancelled: press **Sample**.", *self._history_outputs(session),
+                    f"{note} The next images were cancelled: press **Sample**.", *self._history_outputs(session),
                     gr.Timer(active=True))
         return (batch.id, *self._batch_outputs(session, batch, note), *self._history_outputs(session),
                 gr.Timer(active=True))
@@ -204,7 +204,7 @@ class Callbacks:
         session.prefer(round_id, none=True)
         with self.cancels.running(request.session_hash) as flag, stop_when(flag, session.pipe.unet):
             batch = self._sample(session, prompt, negative, n, seed, sampling, progress)
-        note = "Skipped: nothing was learned from that pair."
+        note = "Skipped: nothing was learned from those images."
         return (batch.id, *self._batch_outputs(session, batch, note), *self._history_outputs(session))
 
     def cancel(self, request: gr.Request):

@@ -32,7 +32,9 @@ class SampleRound:
                                         "D3PO Load Session's checkpoint tooltip."),
                 io.String.Input("negative_prompt", multiline=True, default="",
                                 tooltip="What to avoid (empty = plain classifier-free guidance)."),
-                io.Int.Input("n", default=2, min=2, max=16, tooltip="Images to compare (2 or more)."),
+                io.Int.Input("n", default=2, min=2, max=16,
+                             tooltip="Images to compare (2 or more). The pick beats each other image, so "
+                                     "4 teaches more per click than 2 (docs/settings.md)."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=True,
                              tooltip="Seed of the shared starting noise."),
                 io.Int.Input("steps", default=0, min=0, max=200,

@@ -1,4 +1,4 @@
-"""The app in a real headless Chromium: sample, click an image, the next pair appears.
+"""The app in a real headless Chromium: sample, click an image, the next images appear.
 
 Needs the Debian package `chromium` (/usr/bin/chromium) and Playwright for Python (no
 `playwright install`: it drives the system Chromium). D3PO_SAVE_SCREENSHOT=1 also writes
@@ -65,18 +65,18 @@ def test_click_an_image_then_the_next_pair_appears(app, tmp_path):
             page.get_by_role("option", name="64 px (native)").click()
             page.locator("#sample").click()
             thumbs = page.locator("#images .thumbnail-item")
-            expect(thumbs).to_have_count(2, timeout=120_000)
+            expect(thumbs).to_have_count(4, timeout=120_000)                 # four images per round by default
             expect(page.locator("#status")).to_contain_text("Click the image you prefer", timeout=120_000)
-            first_pair = [thumbs.nth(i).locator("img").get_attribute("src") for i in range(2)]
+            first_pair = [thumbs.nth(i).locator("img").get_attribute("src") for i in range(4)]
 
             thumbs.nth(1).click()
             expect(page.locator("#sample")).to_be_disabled(timeout=5_000)       # no double click
             expect(page.locator("#status")).to_contain_text("Click 1 saved", timeout=120_000)
-            second_pair = [thumbs.nth(i).locator("img").get_attribute("src") for i in range(2)]
+            second_pair = [thumbs.nth(i).locator("img").get_attribute("src") for i in range(4)]
             assert second_pair != first_pair
             expect(page.locator("#progress")).to_contain_text("Learning from click 1", timeout=30_000)
             expect(page.locator("#status")).to_be_visible()                   # not covered by the progress
-            expect(thumbs).to_have_count(2)                                   # the pair stays visible
+            expect(thumbs).to_have_count(4)                                   # the images stay visible
             expect(page.locator("#status")).to_contain_text("Learned from click 1", timeout=120_000)
             expect(page.locator("#sample")).to_be_enabled(timeout=10_000)
             page.mouse.move(5, 5)

@@ -124,9 +124,9 @@ def test_status_says_what_happened_without_internal_ids(server):
     status = c.predict(**SAMPLING, api_name="/sample")[2]
     assert status == "Seed 5. **Click the image you prefer.**"
     status = c.predict(best=1, **SAMPLING, api_name="/prefer")[2]
-    assert status.startswith("Click 1 saved; the model learns from it while you look at the next pair.")
-    assert re.match(r"Learned from click 1 in \d+\.\d s\. The LoRA holds 1 learned click\. Seed",
-                    learned(c))
+    assert status.startswith("Click 1 saved; the model learns from it while you look at the next images.")
+    assert re.match(r"Learned from click 1 in \d+\.\d s\. The model has not moved yet: it steps once your "
+                    r"clicks agree with each other\. The LoRA holds 1 learned click\. Seed", learned(c))
     c.predict(best=0, **SAMPLING, api_name="/prefer")
     status = learned(c)
     assert "Learned from click 2" in status and "already leaned toward your pick in" in status
