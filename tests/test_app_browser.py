@@ -53,6 +53,8 @@ def test_click_an_image_then_the_next_pair_appears(app, tmp_path):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(demo.local_url)
+            # the page's load event sets the sampling controls: type only after it has landed
+            expect(page.locator("#status")).to_contain_text("Type a prompt and press", timeout=60_000)
             page.get_by_label("Prompt", exact=True).fill("a red circle")
             page.locator("#settings").get_by_text("Settings", exact=True).click()
             if not SAVE:                       # fewer steps for speed; the README shows the defaults
@@ -127,6 +129,8 @@ def test_cancel_and_a_bad_seed_in_the_page(app):
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(demo.local_url)
+            # the page's load event resets the steps slider to the model's default: wait for it first
+            expect(page.locator("#status")).to_contain_text("Type a prompt and press", timeout=60_000)
             page.get_by_label("4").check()
             page.locator("#settings").get_by_text("Settings", exact=True).click()
             steps = page.locator("#steps input[type=number]")
