@@ -152,11 +152,9 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
         scale = evidence_scale(seen)
         metrics["evidence_scale"] = scale
         grad_norm = evidence_step(params, optimizer, seen, s.lr if s.step_rms is not None else s.lr * scale)
-        if region is not None:
-            if scale == 0:
-                metrics.update(region.undo(params))
-            else:
-                metrics.update(region.rescale(pipe, params, s.step_rms * scale if s.step_rms is not None else None))
+        if region is not None:       # a target of None keeps the step's size (the anchor alone)
+            target = s.step_rms * scale if s.step_rms is not None else None
+            metrics.update(region.rescale(pipe, params, target) if scale > 0 else region.undo(params))
     else:
         grad_norm = apply_gradients(params, optimizer, s.grad_clip)
         if region is not None:
