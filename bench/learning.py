@@ -29,7 +29,7 @@ from pathlib import Path
 from ..core.simulate import run_simulation
 from .report import write_section
 
-CHOOSERS = ("brighter", "jpeg-compressible", "larger-shape", "saturated", "centered")
+CHOOSERS = ("brighter", "jpeg-compressible", "larger-shape", "saturated", "centered", "warmer")
 CONTROL = "random"
 EVAL_AT = (10, 25, 50)
 # Runtime choices that do not change the math, for speed: no gradient checkpointing on a 5 M model.
@@ -163,8 +163,11 @@ def control_rows(reports: list[dict]) -> list[str]:
     for variant, n in sorted({(r["variant"], r["n"]) for r in reports if r["oracle"] == CONTROL}):
         group = [r for r in reports if (r["variant"], r["n"], r["oracle"]) == (variant, n, CONTROL)]
         last = [r["checkpoints"][-1] for r in group]
-        cells = [_stat([p["oracles"][name]["win_rate"] * 100 for p in last], ".0f") + "% / "
-                 + _stat([p["oracles"][name]["effect_size"] for p in last], "+.2f") for name in CHOOSERS]
+        # a chooser added after a cell ran was not scored there: "—" rather than a wrong number
+        scored = {name: [p["oracles"][name] for p in last if name in p["oracles"]] for name in CHOOSERS}
+        cells = [_stat([m["win_rate"] * 100 for m in scored[name]], ".0f") + "% / "
+                 + _stat([m["effect_size"] for m in scored[name]], "+.2f") if scored[name] else "—"
+                 for name in CHOOSERS]
         fid = [p["fidelity_vs_base"] * 100 for p in last if p.get("fidelity_vs_base") is not None]
         mode = "pairs" if n == 2 else f"best of {n}"
         rows.append(f"| {variant} | {mode} | {len(group)} | {last[0]['clicks']} | " + " | ".join(cells)

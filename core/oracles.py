@@ -13,6 +13,7 @@ Built-ins:
     jpeg-compressible  -(JPEG size in kB at quality 95) (D3PO/DDPO paper's compressibility proxy)
     larger-shape       share of pixels that differ from the border colour (area of the drawn shape)
     saturated          mean HSV saturation in [0, 1] (vivid colours over washed-out ones)
+    warmer             mean red minus mean blue in [-1, 1] (a warm colour cast over a cool one)
     centered           minus the distance of the shape's centre of mass from the image centre,
                        as a share of the half-diagonal (shapes drawn nearer the middle)
     random             control: a hash of pixels and prompt mapped to [0, 1); reproducible, and
@@ -117,6 +118,16 @@ def shape_offset(image: Image.Image, distance: float = SHAPE_DISTANCE) -> float:
     ys, xs = np.nonzero(far)
     dy, dx = ys.mean() - (h - 1) / 2, xs.mean() - (w - 1) / 2
     return float(np.hypot(dy, dx) / np.hypot((h - 1) / 2, (w - 1) / 2))
+
+
+@register_oracle("warmer")
+def warmer(images: list[Image.Image], prompt: str) -> list[float]:
+    """Colour temperature: (mean red - mean blue) / 255, in [-1, 1]; warmer tones score higher."""
+    scores = []
+    for im in images:
+        rgb = _rgb(im)
+        scores.append(float((rgb[..., 0].mean() - rgb[..., 2].mean()) / 255.0))
+    return scores
 
 
 @register_oracle("centered")

@@ -96,3 +96,15 @@ def test_latency_writes_its_rows(tmp_path):
     report.write_section("latency", latency.markdown(result, "test"), doc)
     section = report.read_section("latency", doc)
     assert "click → next pair" in section and "update ÷ floor" in section
+
+
+def test_learning_control_row_marks_a_chooser_the_cell_did_not_score():
+    """A cell run before a chooser existed shows "—" in its column, never a made-up number."""
+    from d3po_studio.bench.learning import CHOOSERS, CONTROL, control_rows
+    scored = {name: {"win_rate": 0.1, "effect_size": 0.05} for name in CHOOSERS if name != "warmer"}
+    report = {"variant": "default", "oracle": CONTROL, "n": 4, "runtime": {"device": "cpu", "dtype": "float32"},
+              "checkpoints": [{"clicks": 50, "oracles": scored, "fidelity_vs_base": 1.0}]}
+    row = control_rows([report])[0].split(" | ")
+    column = 4 + CHOOSERS.index("warmer")
+    assert row[column] == "—"
+    assert row[4] == "10% / +0.05"

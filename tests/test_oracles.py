@@ -86,3 +86,13 @@ def test_centered_prefers_a_shape_in_the_middle():
     a, b = get_oracle("centered")([middle, corner], PROMPT)
     assert a > b and a > -0.05                   # a centred shape: offset ≈ 0
     assert get_oracle("centered")([flat(200)], PROMPT) == [-1.0]   # no shape: as far as it gets
+
+
+def test_warmer_prefers_a_warm_cast():
+    scene = dict(colour="green", kind="circle", size="large", background="gray", radius=20.0, cx=32.0, cy=32.0)
+    warm = render(Scene(**scene, rgb=(40, 200, 40), bg_rgb=(170, 128, 100)))
+    cool = render(Scene(**scene, rgb=(40, 200, 40), bg_rgb=(100, 128, 170)))
+    a, b = get_oracle("warmer")([warm, cool], PROMPT)
+    assert a > 0 > b and a == pytest.approx(-b, abs=1e-3)   # the same cast, mirrored
+    assert get_oracle("warmer")([flat(128)], PROMPT) == [0.0]
+    assert get_oracle("warmer")([Image.new("RGB", (8, 8), (255, 0, 0))], PROMPT) == [1.0]
