@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +41,7 @@ from ..core.oracles import ORACLES, get_oracle
 from ..core.sampling import decode, make_scheduler, sample_trajectory
 from ..core.simulate import _ratio, eval_set, evaluate, score_each
 from ..core.storage import write_json
-from .learning import BENCH_SETTINGS, CHOOSERS, CONTROL, _stat
+from .learning import BENCH_SETTINGS, CHOOSERS, CONTROL, _stat, run_cells
 from .report import write_section
 
 SEED_OFFSET = 2_000_000      # sample seeds of this benchmark: apart from clicks' and held-out ones
@@ -131,26 +128,6 @@ def run_cell(cell: dict) -> dict:
     return report
 
 
-def run_cells(cells: list[dict], jobs: int) -> None:
-    todo = [c for c in cells if not (Path(c["out"]) / "report.json").exists()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    running: list[tuple[subprocess.Popen, dict]] = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            cell = todo.pop(0)
-            Path(cell["out"]).mkdir(parents=True, exist_ok=True)
-            log = open(Path(cell["out"]).with_suffix(".log"), "w")
-            proc = subprocess.Popen([sys.executable, "-m", "d3po_studio.bench.ceiling", "--cell", json.dumps(cell)],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT)
-            running.append((proc, cell))
-        time.sleep(1.0)
-        for proc, cell in list(running):
-            if proc.poll() is not None:
-                running.remove((proc, cell))
-                status = "done" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}, see its .log)"
-                print(f"{Path(cell['out']).name}: {status}", flush=True)
-
-
 def _best_within(group: list[dict], chooser: str, floor: float) -> list[float]:
     """Per seed, the largest effect among the evaluations whose fidelity is at least ``floor``."""
     best = []
@@ -225,7 +202,7 @@ def main(argv=None) -> None:
     cells = [{"chooser": c, "seed": s, "prompts": args.prompts, "best_of": args.best_of, "lr": args.lr,
               "batch": args.batch, "eval_at": sorted(args.eval_at), "eval_pairs": args.eval_pairs,
               "out": str(workdir / f"{c}__s{s}")} for s in args.seeds for c in args.choosers]
-    run_cells(cells, args.jobs)
+    run_cells(cells, args.jobs, module="d3po_studio.bench.ceiling")
     reports = [json.loads((Path(c["out"]) / "report.json").read_text()) for c in cells
                if (Path(c["out"]) / "report.json").exists()]
     if not reports:
