@@ -37,7 +37,11 @@ def app(tmp_path):
 def type_until_held(page, field, text: str, enter: bool = False) -> None:
     """Type into a field until the page keeps it. In the full suite the app's frontend twice put
     a field's old value back right after fill() (the steps slider to 10, the Compare seed to 0;
-    never seen with these tests alone), so one fill() is not enough."""
+    never seen with these tests alone), so one fill() is not enough. Both fields sit in a
+    container the test has just opened (the Settings accordion, the Compare tab), and gradio 6
+    mounts the components of closed accordions and unselected tabs only when they open
+    (gradio-app/gradio#12906, in the 6.x we install): a fill() that lands while a loaded machine is
+    still mounting the field is overwritten by its initial value. A person cannot type that fast."""
     from playwright.sync_api import expect
     for _ in range(10):
         field.fill(text)
