@@ -35,6 +35,7 @@ class Settings:
     logprob_grid: int = 1           # D3PO: score each step on its G×G block means, any latent size (0 = off; 1 = channel means)
     step_rms: float | None = 0.03   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
     drift_budget: float | None = 0.07  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
+    anchor_clicks: int = 0          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     beta: float = 0.3               # inverse temperature of the D3PO loss
     lr: float = 1e-2                # learning rate of the LoRA optimizer (the step's size is step_rms's when that is on)
@@ -76,6 +77,8 @@ class Settings:
                "use None (off) or a positive RMS change such as 0.02")
         _check(self.drift_budget is None or self.drift_budget > 0, "drift_budget", self.drift_budget,
                "use None (off) or a positive RMS change from the base such as 0.2")
+        _check(self.anchor_clicks >= 0, "anchor_clicks", self.anchor_clicks,
+               "use 0 (the click's own images) or a number of earlier clicks such as 4")
         _check(self.logprob_pool >= 1, "logprob_pool", self.logprob_pool, "use 1 (off) or a pooling factor such as 4")
         _check(self.logprob_grid >= 0, "logprob_grid", self.logprob_grid, "use 0 (off) or a grid such as 1 or 4")
         _check(self.logprob_grid == 0 or self.logprob_pool == 1, "logprob_pool", self.logprob_pool,
@@ -134,7 +137,7 @@ class Settings:
 
 # Fields whose default changed the update when they were added: a session.json without them was
 # trained without them, and keeps training so when it is reopened.
-ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None}
+ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None, "anchor_clicks": 0}
 # Settings that only change sampling, so a session may change them after its first update.
 SAMPLING_FIELDS = ("steps", "guidance", "eta", "height", "width")
 # Settings fixed once a LoRA exists (they define its shape or its optimizer).

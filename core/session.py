@@ -304,16 +304,18 @@ class Session:
             extra, proxy = [], None
             if self.settings.proxy_candidates:
                 extra, proxy = self._proxy_pairs(batch, self.settings.replace(**batch.sampling))
-            return self._update(batch.sampling, traj, pairs, self.folder.read_round(rid), progress, extra, proxy)
+            anchors = self._anchor_clicks(batch.id)
+            return self._update(batch.sampling, traj, pairs, self.folder.read_round(rid), progress, extra, proxy,
+                                anchors)
 
     def _update(self, sampling: dict, traj: Trajectory, pairs, record: dict, progress, extra=(),
-                proxy: dict | None = None) -> dict:
+                proxy: dict | None = None, anchors=()) -> dict:
         s = self.settings.replace(**sampling)
         saved = self._train.snapshot(self.updates)
         device = self.runtime.device
         try:
             with measure_memory(device) as memory, Timer() as timer:   # this update's, not the process's
-                metrics, grad_norm = self._train_step(traj, pairs, s, progress, extra)
+                metrics, grad_norm = self._train_step(traj, pairs, s, progress, extra, anchors)
         except (FloatingPointError, torch.OutOfMemoryError, RuntimeError) as e:
             self._load_state(saved)
             if isinstance(e, RuntimeError) and not _is_oom(e):
@@ -333,10 +335,33 @@ class Session:
         self._commit(record, report)
         return report
 
-    def _train_step(self, traj: Trajectory, pairs, s: Settings, progress, extra=()):
+    def _train_step(self, traj: Trajectory, pairs, s: Settings, progress, extra=(), anchors=()):
         return train_step(self.pipe, traj, pairs, s, self.params, self.optimizer,
                           device=self.runtime.device, update_index=self.updates, progress=progress, extra=extra,
-                          evidence=self._train.evidence)
+                          evidence=self._train.evidence, anchors=anchors)
+
+    def _anchor_clicks(self, before: str) -> list[tuple[Trajectory, list[int]]]:
+        """``anchor_clicks``: the trajectories and winners of the last K clicks before round
+        ``before`` whose update is applied (not undone, skipped or rolled back), newest first;
+        a round whose files cannot be read is passed over."""
+        k = self.settings.anchor_clicks if self.settings.drift_budget is not None else 0
+        found: list[tuple[Trajectory, list[int]]] = []
+        for rid in reversed(self.folder.round_ids()):
+            if len(found) >= k:
+                break
+            if rid >= before:
+                continue
+            try:
+                record = self.folder.read_round(rid)
+                choice = record.get("choice") or {}
+                if record.get("status") != "applied" or not ({"best", "ranking"} & set(choice)):
+                    continue
+                winner = choice["best"] if "best" in choice else choice["ranking"][0]
+                tensors = read_tensors(self.folder.round_dir(rid) / "trajectory.safetensors")
+                found.append((Trajectory.from_tensors(tensors), [int(winner)]))
+            except (OSError, ValueError, KeyError):
+                continue
+        return found
 
     # ------------------------------------------------------- proxy pairs
     def _proxy_pairs(self, batch: Batch, s: Settings) -> tuple[list, dict]:

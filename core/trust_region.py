@@ -15,6 +15,9 @@ An anchor to the base (``Settings.drift_budget``): the same probes are also run 
 and the step is cut so that the predictions end no further than the budget B from the base's,
 RMS(f − f_ref) ≤ max(B, where they were): the step is projected onto a ball in function space
 around the base model (``anchored_scale``). Steps sideways or back toward the base stay allowed.
+With ``Settings.anchor_clicks`` = K the same ball also holds, each on its own, for the winners of
+the last K trained clicks (their prompts and trajectories): the step is cut at the first of them
+to reach the edge, so the budget bounds the drift on every recent prompt, not only on this one.
 """
 from __future__ import annotations
 
@@ -73,9 +76,30 @@ def anchored_scale(drift: torch.Tensor, change: torch.Tensor, scale: float, budg
 
 
 @dataclass
+class AnchorProbe:
+    """One trajectory's probes for the anchor: the predictions there now and the base's."""
+    trajectory: Trajectory
+    steps: list[int]
+    images: list[int]
+    outputs: list[torch.Tensor]
+    base: list[torch.Tensor]
+
+    @classmethod
+    def measure(cls, pipe, trajectory: Trajectory, images: list[int], guidance: float, device) -> "AnchorProbe":
+        steps = probe_steps(len(trajectory.timesteps))
+        outputs = predictions(pipe, trajectory, steps, images, guidance, device)
+        with lora_disabled(pipe.unet):
+            base = predictions(pipe, trajectory, steps, images, guidance, device)
+        return cls(trajectory, steps, images, outputs, base)
+
+    def drift(self) -> torch.Tensor:
+        return torch.cat([(o - b).reshape(-1) for o, b in zip(self.outputs, self.base)])
+
+
+@dataclass
 class TrustRegion:
     """What is needed to rescale one optimizer step: the weights and predictions before it (and
-    the base's, LoRA off, when the step is anchored)."""
+    the base's, LoRA off, when the step is anchored, also on earlier clicks' winners)."""
     weights: list[torch.Tensor]
     outputs: list[torch.Tensor]
     trajectory: Trajectory
@@ -85,18 +109,21 @@ class TrustRegion:
     device: torch.device
     base: list[torch.Tensor] | None = None
     budget: float | None = None
+    earlier: list[AnchorProbe] | None = None
 
     @classmethod
-    def before_step(cls, pipe, trajectory: Trajectory, pairs, s, params, device) -> "TrustRegion":
+    def before_step(cls, pipe, trajectory: Trajectory, pairs, s, params, device, anchors=()) -> "TrustRegion":
+        """``anchors``: ``(trajectory, images)`` of earlier clicks whose drift the anchor also bounds."""
         steps = probe_steps(len(trajectory.timesteps))
         images = pair_slots(pairs, device)[0]
         outputs = predictions(pipe, trajectory, steps, images, s.guidance, device)
-        base = None
+        base, earlier = None, None
         if s.drift_budget is not None:
             with lora_disabled(pipe.unet):
                 base = predictions(pipe, trajectory, steps, images, s.guidance, device)
+            earlier = [AnchorProbe.measure(pipe, t, list(i), s.guidance, device) for t, i in anchors]
         return cls([p.detach().clone() for p in params], outputs, trajectory, steps, images, s.guidance, device,
-                   base, s.drift_budget)
+                   base, s.drift_budget, earlier)
 
     @torch.no_grad()
     def rescale(self, pipe, params, target: float | None) -> dict[str, float]:
@@ -114,6 +141,13 @@ class TrustRegion:
             change = torch.cat([(a - o).reshape(-1) for a, o in zip(after, self.outputs)])
             metrics["drift_rms"] = float(drift.pow(2).mean()) ** 0.5
             anchored = anchored_scale(drift, change, scale, self.budget)
+            for probe in self.earlier or ():        # every earlier winner stays in the ball too
+                moved = predictions(pipe, probe.trajectory, probe.steps, probe.images, self.guidance, self.device)
+                probe_change = torch.cat([(a - o).reshape(-1) for a, o in zip(moved, probe.outputs)])
+                probe_drift = probe.drift()
+                metrics["drift_rms_earlier"] = max(metrics.get("drift_rms_earlier", 0.0),
+                                                   float(probe_drift.pow(2).mean()) ** 0.5)
+                anchored = min(anchored, anchored_scale(probe_drift, probe_change, scale, self.budget))
             metrics["anchor_cut"] = 1.0 - anchored / scale
             scale = anchored
         for p, p0 in zip(params, self.weights):

@@ -110,7 +110,7 @@ def apply_gradients(params: list[torch.nn.Parameter], optimizer, grad_clip: floa
 
 
 def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, update_index: int,
-               progress=None, extra=(), evidence=None) -> tuple[dict[str, float], float]:
+               progress=None, extra=(), evidence=None, anchors=()) -> tuple[dict[str, float], float]:
     """One whole update for one click: objective gradients, checks, optimizer step, trust region.
 
     1. the objective named by ``s.objective`` (core/objectives.py) accumulates its gradients;
@@ -127,6 +127,7 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     that they agree (``core.trust_region.evidence_scale``; without a trust region, lr × the
     evidence RMS per LoRA weight); ``evidence`` (a
     ``core.trust_region.Evidence``) gains this click, in place, once the step has succeeded.
+    ``anchors``: ``(trajectory, images)`` of earlier clicks on which ``s.drift_budget`` also holds.
     Returns ``(metrics, gradient norm)``.
     """
     from .objectives import get_objective
@@ -145,7 +146,7 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite loss ({metrics['loss']})")
     measured = s.step_rms is not None or s.drift_budget is not None
-    region = TrustRegion.before_step(pipe, traj, pairs, s, params, device) if measured else None
+    region = TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors) if measured else None
     seen = None
     if s.step_evidence:       # the step goes along the clicks' agreed direction, sized by the evidence
         seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params))

@@ -82,3 +82,26 @@ def test_a_budget_never_reached_changes_nothing(tmp_path, tiny_sd1):
             trained.append([p.detach().clone() for p in s.params])
             assert not all(torch.equal(a, b) for a, b in zip(start, trained[-1]))    # the clicks moved it
     assert all(torch.equal(a, b) for a, b in zip(*trained))
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_anchor_clicks_bound_the_earlier_prompts_too(tmp_path, family):
+    """Clicks on a second prompt, after the first has reached the budget: with anchor_clicks the
+    first prompt's drift stays at the budget; with the click's own images only, it passes it."""
+    from d3po_studio import Session
+    from d3po_studio.core.tiny import tiny_pipeline
+    pipe, budget = tiny_pipeline(family), 0.05
+    drifts, reports = {}, {}
+    for name, k in (("own", 0), ("earlier", 10)):
+        with Session.open(tmp_path / name, model=f"tiny-{family}", pipeline=pipe, steps=4, dtype="float32",
+                          optimizer="adamw", step_rms=0.02, drift_budget=budget, anchor_clicks=k,
+                          step_evidence=False, logprob_grid=0) as s:
+            for _ in range(4):                   # the first prompt, up to the budget
+                first = s.sample("a red circle", n=2, seed=0)
+                s.prefer(first, best=1)
+            for seed in range(6):                # then another prompt, far from the budget itself
+                reports[name] = s.prefer(s.sample("a blue square", n=2, seed=100 + seed), best=seed % 2)
+            drifts[name] = _drift(s, first)
+    assert drifts["own"] > 1.3 * budget
+    assert drifts["earlier"] == pytest.approx(budget, rel=0.15)
+    assert reports["earlier"]["drift_rms_earlier"] > 0 and "drift_rms_earlier" not in reports["own"]
