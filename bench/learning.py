@@ -73,10 +73,8 @@ def run_cell(cell: dict) -> dict:
     return report
 
 
-def run_cells(cells: list[dict], jobs: int, deadline: float | None = None, stop: float | None = None,
-              module: str = "d3po_studio.bench.learning") -> None:
-    """Run the cells without a report as subprocesses of ``module --cell``, ``jobs`` at a time,
-    one torch thread each; each writes ``<out>.log``.
+def run_cells(cells: list[dict], jobs: int, deadline: float | None = None, stop: float | None = None) -> None:
+    """Run the cells without a report as subprocesses, ``jobs`` at a time, one torch thread each.
 
     No cell starts ``deadline`` seconds from now or later; cells still running at ``stop`` seconds
     are killed (they leave no report; a later run with the same --workdir redoes them).
@@ -99,7 +97,7 @@ def run_cells(cells: list[dict], jobs: int, deadline: float | None = None, stop:
             cell = todo.pop(0)
             Path(cell["out"]).parent.mkdir(parents=True, exist_ok=True)
             log = open(Path(cell["out"]).parent / (Path(cell["out"]).name + ".log"), "w")
-            proc = subprocess.Popen([sys.executable, "-m", module, "--cell", json.dumps(cell)],
+            proc = subprocess.Popen([sys.executable, "-m", "d3po_studio.bench.learning", "--cell", json.dumps(cell)],
                                     env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((proc, cell))
         time.sleep(1.0)
@@ -107,7 +105,7 @@ def run_cells(cells: list[dict], jobs: int, deadline: float | None = None, stop:
             if proc.poll() is not None:
                 running.remove((proc, cell))
                 status = "done" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}, see its .log)"
-                print(f"{Path(cell['out']).name}: {status}", flush=True)
+                print(f"{cell_name(cell['variant'], cell['chooser'], cell['n'], cell['seed'])}: {status}", flush=True)
 
 
 def load_reports(cells: list[dict]) -> list[dict]:

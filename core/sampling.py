@@ -97,12 +97,11 @@ def predict_noise(unet, x_t: torch.Tensor, t, cond: dict[str, torch.Tensor], gui
 @torch.no_grad()
 def sample_trajectory(pipe, prompt: str, negative_prompt: str, n: int, seed: int, *, steps: int,
                       guidance: float, eta: float, height: int, width: int, reduction: str = "sum",
-                      device=None, progress=None, shared_start: bool = True) -> Trajectory:
+                      device=None, progress=None) -> Trajectory:
     """Sample n latents from one prompt and one shared x_T; return the whole trajectory.
 
     Reproducible from ``seed`` on any device: all noise is drawn on the CPU.
-    ``progress(i, total)`` is called after each step, if given. ``shared_start=False`` draws
-    an x_T per image instead (independent samples, e.g. for best-of-N selection in a benchmark).
+    ``progress(i, total)`` is called after each step, if given.
     """
     device = device or pipe.unet.device
     scheduler = make_scheduler(pipe, steps)
@@ -110,11 +109,8 @@ def sample_trajectory(pipe, prompt: str, negative_prompt: str, n: int, seed: int
     scale = pipe.vae_scale_factor
     shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
     generator = torch.Generator("cpu").manual_seed(int(seed))
-    if shared_start:
-        x_T = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
-        x = x_T.expand(n, -1, -1, -1).to(device)   # one x_T shared by all n images
-    else:
-        x = (torch.randn((n, *shape[1:]), generator=generator) * scheduler.init_noise_sigma).to(device)
+    x_T = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
+    x = x_T.expand(n, -1, -1, -1).to(device)   # one x_T shared by all n images
     latents, log_probs = [x.to("cpu", STORE_DTYPE)], []
     for i, t in enumerate(scheduler.timesteps):
         eps = predict_noise(pipe.unet, x, t, cond, guidance)
