@@ -146,17 +146,20 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
         optimizer.zero_grad(set_to_none=True)
         raise FloatingPointError(f"non-finite loss ({metrics['loss']})")
     measured = s.step_rms is not None or s.drift_budget is not None
-    region = TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors) if measured else None
     seen = None
     if s.step_evidence:       # the step goes along the clicks' agreed direction, sized by the evidence
         seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params))
         scale = evidence_scale(seen)
         metrics["evidence_scale"] = scale
+        # a click without evidence takes no step, so the earlier clicks' probes would go unused
+        region = (TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors if scale > 0 else ())
+                  if measured else None)
         grad_norm = evidence_step(params, optimizer, seen, s.lr if s.step_rms is not None else s.lr * scale)
         if region is not None:       # a target of None keeps the step's size (the anchor alone)
             target = s.step_rms * scale if s.step_rms is not None else None
             metrics.update(region.rescale(pipe, params, target) if scale > 0 else region.undo(params))
     else:
+        region = TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors) if measured else None
         grad_norm = apply_gradients(params, optimizer, s.grad_clip)
         if region is not None:
             metrics.update(region.rescale(pipe, params, s.step_rms))
