@@ -346,6 +346,8 @@ class Session:
         a round whose files cannot be read is passed over."""
         k = self.settings.anchor_clicks if self.settings.drift_budget is not None else 0
         found: list[tuple[Trajectory, list[int]]] = []
+        if k == 0:           # off (the default): no listing of the rounds on every click
+            return found
         for rid in reversed(self.folder.round_ids()):
             if len(found) >= k:
                 break

@@ -75,6 +75,11 @@ def anchored_scale(drift: torch.Tensor, change: torch.Tensor, scale: float, budg
     return min(scale, max(0.0, root))
 
 
+def flat_difference(after: list[torch.Tensor], before: list[torch.Tensor]) -> torch.Tensor:
+    """after − before, element-wise, over two lists of same-shaped tensors, as one flat vector."""
+    return torch.cat([(a - b).reshape(-1) for a, b in zip(after, before)])
+
+
 @dataclass
 class AnchorProbe:
     """One trajectory's probes for the anchor: the predictions there now and the base's."""
@@ -93,7 +98,7 @@ class AnchorProbe:
         return cls(trajectory, steps, images, outputs, base)
 
     def drift(self) -> torch.Tensor:
-        return torch.cat([(o - b).reshape(-1) for o, b in zip(self.outputs, self.base)])
+        return flat_difference(self.outputs, self.base)
 
 
 @dataclass
@@ -137,13 +142,13 @@ class TrustRegion:
             scale = target / raw if raw > 0 else 0.0     # target 0 (no evidence yet): no step
         metrics = {"step_rms_raw": raw}
         if self.base is not None and scale > 0:
-            drift = torch.cat([(o - b).reshape(-1) for o, b in zip(self.outputs, self.base)])
-            change = torch.cat([(a - o).reshape(-1) for a, o in zip(after, self.outputs)])
+            drift = flat_difference(self.outputs, self.base)
+            change = flat_difference(after, self.outputs)
             metrics["drift_rms"] = float(drift.pow(2).mean()) ** 0.5
             anchored = anchored_scale(drift, change, scale, self.budget)
             for probe in self.earlier or ():        # every earlier winner stays in the ball too
                 moved = predictions(pipe, probe.trajectory, probe.steps, probe.images, self.guidance, self.device)
-                probe_change = torch.cat([(a - o).reshape(-1) for a, o in zip(moved, probe.outputs)])
+                probe_change = flat_difference(moved, probe.outputs)
                 probe_drift = probe.drift()
                 metrics["drift_rms_earlier"] = max(metrics.get("drift_rms_earlier", 0.0),
                                                    float(probe_drift.pow(2).mean()) ** 0.5)
