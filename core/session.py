@@ -74,6 +74,7 @@ class Session:
         self._worker = UpdateWorker(name=f"d3po-updates-{folder.root.name}")
         self.notes: list[str] = []              # what reopening a damaged folder did, in words
         self._proxy_features: dict = {}         # round id -> image features (proxy_candidates)
+        self._anchors: dict = {}                # (round id, guidance) -> its winner's Anchor (anchor_clicks)
         with shared.lock:
             self.params = add_lora(shared.pipe.unet, settings.lora_rank, settings.lora_alpha,
                                    settings.lora_targets, settings.seed, adapter=adapter)
@@ -304,17 +305,18 @@ class Session:
             extra, proxy = [], None
             if self.settings.proxy_candidates:
                 extra, proxy = self._proxy_pairs(batch, self.settings.replace(**batch.sampling))
-            anchors = self._anchor_clicks(batch.id)
             return self._update(batch.sampling, traj, pairs, self.folder.read_round(rid), progress, extra, proxy,
-                                anchors)
+                                before=batch.id)
 
     def _update(self, sampling: dict, traj: Trajectory, pairs, record: dict, progress, extra=(),
-                proxy: dict | None = None, anchors=()) -> dict:
+                proxy: dict | None = None, before: str | None = None) -> dict:
+        """``before``: the click's round, whose earlier clicks ``anchor_clicks`` bounds (None: none)."""
         s = self.settings.replace(**sampling)
         saved = self._train.snapshot(self.updates)
         device = self.runtime.device
         try:
             with measure_memory(device) as memory, Timer() as timer:   # this update's, not the process's
+                anchors = self._anchor_clicks(before, s.guidance) if before is not None else []
                 metrics, grad_norm = self._train_step(traj, pairs, s, progress, extra, anchors)
         except (FloatingPointError, torch.OutOfMemoryError, RuntimeError) as e:
             self._load_state(saved)
@@ -340,14 +342,16 @@ class Session:
                           device=self.runtime.device, update_index=self.updates, progress=progress, extra=extra,
                           evidence=self._train.evidence, anchors=anchors)
 
-    def _anchor_clicks(self, before: str) -> list[tuple[Trajectory, list[int]]]:
-        """``anchor_clicks``: the trajectories and winners of the last K clicks before round
-        ``before`` whose update is applied (not undone, skipped or rolled back), newest first;
-        a round whose files cannot be read is passed over."""
+    def _anchor_clicks(self, before: str, guidance: float) -> list:
+        """``anchor_clicks``: the ``Anchor``s of the last K clicks before round ``before`` whose
+        update is applied (not undone, skipped or rolled back), newest first; a round whose files
+        cannot be read is passed over. Each is measured once (its base predictions never change)
+        and kept while it is among the last K."""
+        from .trust_region import Anchor
         k = self.settings.anchor_clicks if self.settings.drift_budget is not None else 0
-        found: list[tuple[Trajectory, list[int]]] = []
+        found: dict = {}
         if k == 0:           # off (the default): no listing of the rounds on every click
-            return found
+            return []
         for rid in reversed(self.folder.round_ids()):
             if len(found) >= k:
                 break
@@ -358,12 +362,17 @@ class Session:
                 choice = record.get("choice") or {}
                 if record.get("status") != "applied" or not ({"best", "ranking"} & set(choice)):
                     continue
-                winner = choice["best"] if "best" in choice else choice["ranking"][0]
-                tensors = read_tensors(self.folder.round_dir(rid) / "trajectory.safetensors")
-                found.append((Trajectory.from_tensors(tensors), [int(winner)]))
+                key = (rid, guidance)
+                if key not in self._anchors:
+                    winner = choice["best"] if "best" in choice else choice["ranking"][0]
+                    tensors = read_tensors(self.folder.round_dir(rid) / "trajectory.safetensors")
+                    self._anchors[key] = Anchor.measure(self.pipe, Trajectory.from_tensors(tensors), [int(winner)],
+                                                        guidance, self.runtime.device)
+                found[key] = self._anchors[key]
             except (OSError, ValueError, KeyError):
                 continue
-        return found
+        self._anchors = found           # older ones are no longer needed
+        return list(found.values())
 
     # ------------------------------------------------------- proxy pairs
     def _proxy_pairs(self, batch: Batch, s: Settings) -> tuple[list, dict]:

@@ -18,6 +18,8 @@ around the base model (``anchored_scale``). Steps sideways or back toward the ba
 With ``Settings.anchor_clicks`` = K the same ball also holds, each on its own, for the winners of
 the last K trained clicks (their prompts and trajectories): the step is cut at the first of them
 to reach the edge, so the budget bounds the drift on every recent prompt, not only on this one.
+Their base predictions never change, so each is measured once (``Anchor``); their probes run in
+batches, and not at all after the step once it is already cut to nothing.
 """
 from __future__ import annotations
 
@@ -80,25 +82,52 @@ def flat_difference(after: list[torch.Tensor], before: list[torch.Tensor]) -> to
     return torch.cat([(a - b).reshape(-1) for a, b in zip(after, before)])
 
 
-@dataclass
-class AnchorProbe:
-    """One trajectory's probes for the anchor: the predictions there now and the base's."""
+@dataclass(frozen=True)
+class Anchor:
+    """An earlier click's winner on which the drift budget also holds: its trajectory, the images
+    probed, the probe steps, and the base's (LoRA off) predictions there. The base never changes,
+    so a session measures each anchor once and hands it back on every later click."""
     trajectory: Trajectory
-    steps: list[int]
     images: list[int]
-    outputs: list[torch.Tensor]
+    steps: list[int]
     base: list[torch.Tensor]
 
     @classmethod
-    def measure(cls, pipe, trajectory: Trajectory, images: list[int], guidance: float, device) -> "AnchorProbe":
+    def measure(cls, pipe, trajectory: Trajectory, images: list[int], guidance: float, device) -> "Anchor":
         steps = probe_steps(len(trajectory.timesteps))
-        outputs = predictions(pipe, trajectory, steps, images, guidance, device)
         with lora_disabled(pipe.unet):
             base = predictions(pipe, trajectory, steps, images, guidance, device)
-        return cls(trajectory, steps, images, outputs, base)
+        return cls(trajectory, list(images), steps, base)
 
-    def drift(self) -> torch.Tensor:
-        return flat_difference(self.outputs, self.base)
+
+ANCHOR_BATCH = 4    # images per forward when the anchors' probes are batched (bounds its memory)
+
+
+@torch.no_grad()
+def anchor_predictions(pipe, anchors: list[Anchor], guidance: float, device,
+                       batch: int = ANCHOR_BATCH) -> list[list[torch.Tensor]]:
+    """The model's guided outputs at every anchor's probes, as it is now (per anchor, per probe:
+    what ``predictions`` gives), computed in forwards of up to ``batch`` images that share a
+    timestep and a size, each image with its own prompt."""
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for a, anchor in enumerate(anchors):
+        for j, k in enumerate(anchor.steps):
+            key = (int(anchor.trajectory.timesteps[k]), tuple(anchor.trajectory.latents.shape[2:]))
+            groups.setdefault(key, []).append((a, j))
+    out: list[list[torch.Tensor | None]] = [[None] * len(anchor.steps) for anchor in anchors]
+    for (t, _), probes in groups.items():
+        for start in range(0, len(probes), batch):
+            chunk = probes[start:start + batch]
+            xs, conds = [], []
+            for a, j in chunk:
+                anchor = anchors[a]
+                xs.append(anchor.trajectory.latents[anchor.steps[j], anchor.images])
+                conds.append({key: v.expand(len(anchor.images), *v.shape[1:]) for key, v in anchor.trajectory.cond.items()})
+            cond = {key: torch.cat([c[key] for c in conds]).to(device) for key in conds[0]}
+            eps = predict_noise(pipe.unet, torch.cat(xs).to(device, torch.float32), t, cond, guidance).cpu()
+            for (a, j), part in zip(chunk, eps.split([len(anchors[a].images) for a, _ in chunk])):
+                out[a][j] = part
+    return out
 
 
 @dataclass
@@ -114,11 +143,12 @@ class TrustRegion:
     device: torch.device
     base: list[torch.Tensor] | None = None
     budget: float | None = None
-    earlier: list[AnchorProbe] | None = None
+    anchors: tuple[Anchor, ...] = ()
+    earlier: list[list[torch.Tensor]] | None = None     # the anchors' predictions before the step
 
     @classmethod
     def before_step(cls, pipe, trajectory: Trajectory, pairs, s, params, device, anchors=()) -> "TrustRegion":
-        """``anchors``: ``(trajectory, images)`` of earlier clicks whose drift the anchor also bounds."""
+        """``anchors``: earlier clicks' ``Anchor``s, whose drift the budget also bounds."""
         steps = probe_steps(len(trajectory.timesteps))
         images = pair_slots(pairs, device)[0]
         outputs = predictions(pipe, trajectory, steps, images, s.guidance, device)
@@ -126,9 +156,10 @@ class TrustRegion:
         if s.drift_budget is not None:
             with lora_disabled(pipe.unet):
                 base = predictions(pipe, trajectory, steps, images, s.guidance, device)
-            earlier = [AnchorProbe.measure(pipe, t, list(i), s.guidance, device) for t, i in anchors]
+            anchors = tuple(anchors)
+            earlier = anchor_predictions(pipe, anchors, s.guidance, device) if anchors else None
         return cls([p.detach().clone() for p in params], outputs, trajectory, steps, images, s.guidance, device,
-                   base, s.drift_budget, earlier)
+                   base, s.drift_budget, tuple(anchors) if base is not None else (), earlier)
 
     @torch.no_grad()
     def rescale(self, pipe, params, target: float | None) -> dict[str, float]:
@@ -146,13 +177,14 @@ class TrustRegion:
             change = flat_difference(after, self.outputs)
             metrics["drift_rms"] = float(drift.pow(2).mean()) ** 0.5
             anchored = anchored_scale(drift, change, scale, self.budget)
-            for probe in self.earlier or ():        # every earlier winner stays in the ball too
-                moved = predictions(pipe, probe.trajectory, probe.steps, probe.images, self.guidance, self.device)
-                probe_change = flat_difference(moved, probe.outputs)
-                probe_drift = probe.drift()
-                metrics["drift_rms_earlier"] = max(metrics.get("drift_rms_earlier", 0.0),
-                                                   float(probe_drift.pow(2).mean()) ** 0.5)
-                anchored = min(anchored, anchored_scale(probe_drift, probe_change, scale, self.budget))
+            if self.earlier:                      # every earlier winner stays in the ball too
+                drifts = [flat_difference(before, a.base) for a, before in zip(self.anchors, self.earlier)]
+                metrics["drift_rms_earlier"] = max(float(d.pow(2).mean()) ** 0.5 for d in drifts)
+                if anchored > 0:                  # (a step already cut to nothing needs no more probes)
+                    moved = anchor_predictions(pipe, list(self.anchors), self.guidance, self.device)
+                    for drift_a, after_a, before_a in zip(drifts, moved, self.earlier):
+                        anchored = min(anchored, anchored_scale(drift_a, flat_difference(after_a, before_a),
+                                                                scale, self.budget))
             metrics["anchor_cut"] = 1.0 - anchored / scale
             scale = anchored
         for p, p0 in zip(params, self.weights):

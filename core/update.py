@@ -127,7 +127,7 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     that they agree (``core.trust_region.evidence_scale``; without a trust region, lr × the
     evidence RMS per LoRA weight); ``evidence`` (a
     ``core.trust_region.Evidence``) gains this click, in place, once the step has succeeded.
-    ``anchors``: ``(trajectory, images)`` of earlier clicks on which ``s.drift_budget`` also holds.
+    ``anchors``: earlier clicks' ``core.trust_region.Anchor``s, on which ``s.drift_budget`` also holds.
     Returns ``(metrics, gradient norm)``.
     """
     from .objectives import get_objective

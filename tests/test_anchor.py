@@ -105,3 +105,47 @@ def test_anchor_clicks_bound_the_earlier_prompts_too(tmp_path, family):
     assert drifts["own"] > 1.3 * budget
     assert drifts["earlier"] == pytest.approx(budget, rel=0.15)
     assert reports["earlier"]["drift_rms_earlier"] > 0 and "drift_rms_earlier" not in reports["own"]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_batched_anchor_probes_are_the_per_anchor_predictions(family):
+    """The earlier clicks' probes run in batches of images from different prompts (and, on SDXL,
+    their own pooled embeddings and size ids): each must get what it gets alone."""
+    from d3po_studio.core.sampling import sample_trajectory
+    from d3po_studio.core.tiny import tiny_pipeline
+    from d3po_studio.core.trust_region import Anchor, anchor_predictions
+    pipe = tiny_pipeline(family)            # (no LoRA: the base is not needed here)
+    torch.manual_seed(0)
+    for module in pipe.unet.modules():           # a non-zero model, so that every input matters
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            torch.nn.init.normal_(module.weight, std=0.05)
+    anchors = []
+    for seed, (prompt, size) in enumerate([("a red circle", 16), ("a blue square", 16), ("green", 24)] * 2):
+        traj = sample_trajectory(pipe, prompt, "", 2, seed, steps=4, guidance=3.0, eta=1.0, height=size,
+                                 width=size, device="cpu")
+        anchors.append(Anchor(traj, [seed % 2], probe_steps(4), []))
+    batched = anchor_predictions(pipe, anchors, 3.0, "cpu", batch=4)
+    for anchor, got in zip(anchors, batched):
+        alone = predictions(pipe, anchor.trajectory, anchor.steps, anchor.images, 3.0, "cpu")
+        assert len(got) == len(alone) and all(g.shape == a.shape for g, a in zip(got, alone))
+        assert all(torch.allclose(g, a, atol=1e-5) for g, a in zip(got, alone))
+    assert not torch.allclose(batched[0][1], batched[1][1], atol=1e-3)    # the prompts do differ
+
+
+def test_each_earlier_click_is_measured_once(tmp_path, tiny_sd1, monkeypatch):
+    """The base's predictions at an earlier winner never change: a session measures them when the
+    click first becomes an anchor and keeps them while it is one of the last K."""
+    from d3po_studio import Session
+    from d3po_studio.core import trust_region
+    measured = []
+    real = trust_region.Anchor.measure.__func__
+    monkeypatch.setattr(trust_region.Anchor, "measure",
+                        classmethod(lambda cls, *a, **k: measured.append(a[1]) or real(cls, *a, **k)))
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
+                      optimizer="adamw", step_rms=0.02, drift_budget=0.05, anchor_clicks=2,
+                      step_evidence=False, logprob_grid=0) as s:
+        for seed in range(5):
+            report = s.prefer(s.sample("a red circle", n=2, seed=seed), best=seed % 2)
+    assert len(measured) == 4               # clicks 1–4 each became an anchor once (click 5 never did)
+    assert len({id(t) for t in measured}) == 4
+    assert "drift_rms_earlier" in report
