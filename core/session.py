@@ -369,7 +369,7 @@ class Session:
                     self._anchors[key] = Anchor.measure(self.pipe, Trajectory.from_tensors(tensors), [int(winner)],
                                                         guidance, self.runtime.device)
                 found[key] = self._anchors[key]
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, SessionError):      # a damaged round: pass it over
                 continue
         self._anchors = found           # older ones are no longer needed
         return list(found.values())
