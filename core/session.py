@@ -349,9 +349,9 @@ class Session:
         and kept while it is among the last K."""
         from .trust_region import Anchor
         k = self.settings.anchor_clicks if self.settings.drift_budget is not None else 0
-        found: dict = {}
-        if k == 0:           # off (the default): no listing of the rounds on every click
+        if k == 0:           # off: no listing of the rounds on every click
             return []
+        found: dict = {}
         for rid in reversed(self.folder.round_ids()):
             if len(found) >= k:
                 break

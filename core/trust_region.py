@@ -152,14 +152,14 @@ class TrustRegion:
         steps = probe_steps(len(trajectory.timesteps))
         images = pair_slots(pairs, device)[0]
         outputs = predictions(pipe, trajectory, steps, images, s.guidance, device)
-        base, earlier = None, None
+        anchors = tuple(anchors) if s.drift_budget is not None else ()
+        base = None
         if s.drift_budget is not None:
             with lora_disabled(pipe.unet):
                 base = predictions(pipe, trajectory, steps, images, s.guidance, device)
-            anchors = tuple(anchors)
-            earlier = anchor_predictions(pipe, anchors, s.guidance, device) if anchors else None
+        earlier = anchor_predictions(pipe, list(anchors), s.guidance, device) if anchors else None
         return cls([p.detach().clone() for p in params], outputs, trajectory, steps, images, s.guidance, device,
-                   base, s.drift_budget, tuple(anchors) if base is not None else (), earlier)
+                   base, s.drift_budget, anchors, earlier)
 
     @torch.no_grad()
     def rescale(self, pipe, params, target: float | None) -> dict[str, float]:
