@@ -73,11 +73,13 @@ def run_cell(cell: dict) -> dict:
     return report
 
 
-def run_cells(cells: list[dict], jobs: int, deadline: float | None = None, stop: float | None = None) -> None:
+def run_cells(cells: list[dict], jobs: int, deadline: float | None = None, stop: float | None = None,
+              module: str = "d3po_studio.bench.learning") -> None:
     """Run the cells without a report as subprocesses, ``jobs`` at a time, one torch thread each.
 
     No cell starts ``deadline`` seconds from now or later; cells still running at ``stop`` seconds
-    are killed (they leave no report; a later run with the same --workdir redoes them).
+    are killed (they leave no report; a later run with the same --workdir redoes them). Each runs
+    ``python -m module --cell CELL``.
     """
     todo = [c for c in cells if not (Path(c["out"]) / "report.json").exists()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -97,7 +99,7 @@ def run_cells(cells: list[dict], jobs: int, deadline: float | None = None, stop:
             cell = todo.pop(0)
             Path(cell["out"]).parent.mkdir(parents=True, exist_ok=True)
             log = open(Path(cell["out"]).parent / (Path(cell["out"]).name + ".log"), "w")
-            proc = subprocess.Popen([sys.executable, "-m", "d3po_studio.bench.learning", "--cell", json.dumps(cell)],
+            proc = subprocess.Popen([sys.executable, "-m", module, "--cell", json.dumps(cell)],
                                     env=env, stdout=log, stderr=subprocess.STDOUT)
             running.append((proc, cell))
         time.sleep(1.0)
@@ -105,7 +107,7 @@ def run_cells(cells: list[dict], jobs: int, deadline: float | None = None, stop:
             if proc.poll() is not None:
                 running.remove((proc, cell))
                 status = "done" if proc.returncode == 0 else f"FAILED (rc {proc.returncode}, see its .log)"
-                print(f"{cell_name(cell['variant'], cell['chooser'], cell['n'], cell['seed'])}: {status}", flush=True)
+                print(f"{Path(cell['out']).name}: {status}", flush=True)
 
 
 def load_reports(cells: list[dict]) -> list[dict]:
@@ -129,14 +131,14 @@ def _at(report: dict, clicks: int) -> dict | None:
     return next((c for c in report["checkpoints"] if c["clicks"] == clicks), None)
 
 
-def chooser_rows(reports: list[dict], clicks: int) -> list[str]:
+def chooser_rows(reports: list[dict], clicks: int, eval_at=EVAL_AT) -> list[str]:
     """One row per (variant, chooser, mode): its own score's win rate and effect, mean ± sd over seeds."""
     rows = []
     keys = sorted({(r["variant"], r["oracle"], r["n"]) for r in reports if r["oracle"] != CONTROL})
     for variant, chooser, n in keys:
         group = [r for r in reports if (r["variant"], r["oracle"], r["n"]) == (variant, chooser, n)]
         cells = []
-        for c in EVAL_AT:
+        for c in eval_at:
             if c > clicks:
                 continue
             points = [p for p in (_at(r, c) for r in group) if p]
@@ -196,18 +198,27 @@ def markdown(reports: list[dict], variants: dict, command: str, clicks: int, eva
         "which changes no number): " + "; ".join(f"**{k}**: {', '.join(f'{a}={b}' for a, b in v.items()) or 'the defaults'}"
                                                  for k, v in variants.items()) + ".",
         "",
-        "| variant | chooser | mode | seeds | " + " | ".join(f"win / effect @{c}" for c in EVAL_AT if c <= clicks)
-        + " | fidelity | fresh acc. | s/click | device |",
-        "|---|---|---|---|" + "---|" * len([c for c in EVAL_AT if c <= clicks]) + "---|---|---|---|",
-        *chooser_rows(reports, clicks),
+        *tables(reports, clicks, EVAL_AT, "Control: random clicks, scored by each chooser at the last evaluation "
+                "(win / effect):"),
+    ]
+    return "\n".join(lines)
+
+
+def tables(reports: list[dict], clicks: int, eval_at, control_caption: str, unit: str = "click") -> list[str]:
+    """The chooser table and the random control's table (markdown lines)."""
+    shown = [c for c in eval_at if c <= clicks]
+    return [
+        "| variant | chooser | mode | seeds | " + " | ".join(f"win / effect @{c}" for c in shown)
+        + f" | fidelity | fresh acc. | s/{unit} | device |",
+        "|---|---|---|---|" + "---|" * len(shown) + "---|---|---|---|",
+        *chooser_rows(reports, clicks, eval_at),
         "",
-        "Control: random clicks, scored by each chooser at the last evaluation (win / effect):",
+        control_caption,
         "",
-        "| variant | mode | seeds | clicks | " + " | ".join(CHOOSERS) + " | fidelity | device |",
+        f"| variant | mode | seeds | {unit}s | " + " | ".join(CHOOSERS) + " | fidelity | device |",
         "|---|---|---|---|" + "---|" * len(CHOOSERS) + "---|---|",
         *control_rows(reports),
     ]
-    return "\n".join(lines)
 
 
 def plan(args) -> tuple[list[dict], dict]:

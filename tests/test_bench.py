@@ -108,3 +108,84 @@ def test_learning_control_row_marks_a_chooser_the_cell_did_not_score():
     column = 4 + CHOOSERS.index("warmer")
     assert row[column] == "—"
     assert row[4] == "10% / +0.05"
+
+
+# ------------------------------------------------------------------ bench/expressible.py (RAFT upper bound)
+def test_denoising_loss_is_the_epsilon_mse_of_the_conditional_prediction(tiny_session):
+    from d3po_studio.bench.expressible import denoising_loss
+    from d3po_studio.core.sampling import make_scheduler, predict_noise
+    batch = tiny_session.sample("a red circle", n=2, seed=3)
+    pipe = tiny_session.pipe
+    scheduler = make_scheduler(pipe, 4)
+    x0 = batch.trajectory.latents[-1, :1].float()
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t = 500
+    a = scheduler.alphas_cumprod[t].float()
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    with torch.no_grad():
+        expected = ((predict_noise(pipe.unet, x_t, t, batch.trajectory.cond, 1.0) - noise) ** 2).mean()
+        got = denoising_loss(pipe.unet, x0, batch.trajectory.cond, t, noise, scheduler)
+    assert torch.allclose(got, expected, rtol=1e-5)
+
+
+def test_raft_round_fits_the_choosers_best_image(tiny_session):
+    """The kept image is the chooser's best, and the LoRA's steps lower its denoising loss."""
+    from d3po_studio.bench.expressible import denoising_loss, raft_round
+    from d3po_studio.core.lora import activate
+    from d3po_studio.core.sampling import make_scheduler
+    chooser = lambda images, prompt: [0.0, 0.0, 1.0, 0.0]     # noqa: E731 — always the third
+    optimizer = torch.optim.AdamW(tiny_session.params, lr=1e-2, weight_decay=0.0)
+    before = [p.detach().clone() for p in tiny_session.params]
+    generator = torch.Generator().manual_seed(0)
+    record = raft_round(tiny_session, chooser, "a red circle", 7, 4, optimizer, 6, generator)
+    assert record["best"] == 2
+    assert any(not torch.equal(a, p) for a, p in zip(before, tiny_session.params))
+    # the same image (same seed) scored at fixed timesteps and noise: lower with the fitted LoRA
+    batch = tiny_session.sample("a red circle", n=4, seed=7)
+    pipe = tiny_session.pipe
+    activate(pipe.unet, tiny_session.adapter, tiny_session.params)
+    scheduler = make_scheduler(pipe, 4)
+    noise = torch.randn((1, *batch.trajectory.latents.shape[2:]), generator=torch.Generator().manual_seed(1))
+    def loss_at(x0):
+        with torch.no_grad():
+            return sum(float(denoising_loss(pipe.unet, x0, batch.trajectory.cond, t, noise, scheduler))
+                       for t in (100, 400, 700))
+    from d3po_studio.core.lora import lora_disabled
+    fitted = loss_at(batch.trajectory.latents[-1, 2:3].float())
+    with lora_disabled(pipe.unet):
+        base = loss_at(batch.trajectory.latents[-1, 2:3].float())
+    assert fitted < base
+
+
+def test_expressible_cell_writes_a_report_the_tables_read(tmp_path):
+    from d3po_studio.bench import expressible
+    cell = {"variant": "raft-test", "chooser": "larger-shape", "seed": 0, "k": 2, "sft_steps": 1, "lr": 1e-3,
+            "rounds": 2, "eval_pairs": 2, "out": str(tmp_path / "cell")}
+    report_ = expressible.run_cell(cell)
+    assert [c["clicks"] for c in report_["checkpoints"]] == [2]
+    assert set(report_["checkpoints"][0]["oracles"]) >= {"larger-shape", "random"}
+    text = expressible.markdown([report_, {**report_, "oracle": "random"}], "test", 2, 2)
+    assert "| raft-test | larger-shape | pairs | 1 |" in text
+    assert "| raft-test | pairs | 1 | 2 |" in text
+
+
+def test_world_batch_encodes_the_renderers_images_of_the_prompt(tiny_session):
+    """--source world: the renderer's images of the prompt (the checker reads them right), encoded
+    by the VAE; a round keeps the chooser's best of them."""
+    import random
+    from d3po_studio.bench.expressible import raft_round, world_batch
+    from d3po_studio.core.embedded.checker import fidelity
+    from d3po_studio.core.embedded.world import render_prompt
+    from d3po_studio.core.oracles import get_oracle
+    pipe = tiny_session.pipe
+    images, latents, cond = world_batch(pipe, "a large red circle", 5, 3, tiny_session.runtime.device)
+    rng = random.Random(5)
+    assert [i.tobytes() for i in images] == [render_prompt("a large red circle", rng).tobytes() for _ in range(3)]
+    assert fidelity(images, ["a large red circle"] * 3)["both"] == 1.0
+    assert latents.shape[:2] == (3, pipe.unet.config.in_channels) and torch.isfinite(latents).all()
+    assert cond["prompt_embeds"].shape[0] == 1
+    scores = get_oracle("larger-shape")(images, "a large red circle")
+    optimizer = torch.optim.AdamW(tiny_session.params, lr=1e-3)
+    record = raft_round(tiny_session, get_oracle("larger-shape"), "a large red circle", 5, 3, optimizer, 1,
+                        torch.Generator().manual_seed(0), source="world")
+    assert record["best"] == max(range(3), key=scores.__getitem__)
