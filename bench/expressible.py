@@ -45,7 +45,7 @@ from ..core.oracles import get_oracle
 from ..core.sampling import make_scheduler, predict_noise
 from ..core.simulate import EVAL_SEED_OFFSET, _ratio, eval_set, evaluate
 from ..core.storage import write_json
-from .learning import BENCH_SETTINGS, CHOOSERS, CONTROL, run_cells, tables
+from .learning import BENCH_SETTINGS, CHOOSERS, CONTROL, parse_value, run_cells, tables
 from .report import write_section
 
 EVAL_AT = (10, 25, 50, 100)
@@ -113,7 +113,8 @@ def run_cell(cell: dict) -> dict:
     chooser = get_oracle(cell["chooser"])
     seed, rounds = cell["seed"], cell["rounds"]
     started = time.perf_counter()
-    with Session.open(out / "session", model="embedded", seed=seed, **BENCH_SETTINGS) as session:
+    settings = {**BENCH_SETTINGS, **cell.get("settings", {})}
+    with Session.open(out / "session", model="embedded", seed=seed, **settings) as session:
         optimizer = torch.optim.AdamW(session.params, lr=cell["lr"], weight_decay=0.0)
         generator = torch.Generator().manual_seed(seed)
         pairs = eval_set(cell["eval_pairs"], seed)
@@ -169,6 +170,8 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--source", choices=("model", "world"), default="model",
                    help="where each round's k images come from: the model's samples (RAFT) or the world's renderer")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="session settings for these cells, e.g. lora_rank=16 (they join the variant's name)")
     p.add_argument("--choosers", nargs="+", default=[*CHOOSERS, CONTROL])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-pairs", type=int, default=48)
@@ -183,9 +186,11 @@ def main(argv=None) -> None:
         run_cell(json.loads(args.cell))
         return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="d3po-expressible-"))
-    variant = f"{'raft' if args.source == 'model' else 'world'}-k{args.k}-s{args.sft_steps}-lr{args.lr:g}"
+    settings = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    variant = (f"{'raft' if args.source == 'model' else 'world'}-k{args.k}-s{args.sft_steps}-lr{args.lr:g}"
+               + "".join(f"-{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in settings.items()))
     cells = [{"variant": variant, "chooser": c, "seed": s, "k": args.k, "sft_steps": args.sft_steps, "lr": args.lr,
-              "source": args.source,
+              "source": args.source, "settings": settings,
               "rounds": args.rounds, "eval_pairs": args.eval_pairs,
               "out": str(workdir / f"{variant}__{c}__s{s}")} for s in args.seeds for c in args.choosers]
     if not args.no_run:

@@ -37,8 +37,11 @@ BENCH_SETTINGS = {"gradient_checkpointing": False}
 
 
 def parse_value(text: str):
-    """A settings value from the command line: null, true/false, numbers, else the string
-    (so step_weight=none stays the string "none", and step_rms=null is None)."""
+    """A settings value from the command line: null, true/false, numbers, a comma-separated tuple
+    (lora_targets=to_q,to_v), else the string (so step_weight=none stays the string "none", and
+    step_rms=null is None)."""
+    if "," in text:
+        return tuple(parse_value(part) for part in text.split(",") if part)
     lowered = text.lower()
     if lowered == "null":
         return None
@@ -150,7 +153,7 @@ def chooser_rows(reports: list[dict], clicks: int, eval_at=EVAL_AT) -> list[str]
         secs = [r["seconds_per_click"] for r in group]
         mode = "pairs" if n == 2 else f"best of {n}"
         rows.append(f"| {variant} | {chooser} | {mode} | {len(group)} | " + " | ".join(cells)
-                    + f" | {_stat(fid, '.0f')}% | {_stat(fresh, '.0f')}% | {_stat(secs, '.1f')} | {_devices(group)} |")
+                    + f" | {_stat(fid, '.0f')}% | {_stat(fresh, '.0f') + '%' if fresh else '—'} | {_stat(secs, '.1f')} | {_devices(group)} |")
     return rows
 
 

@@ -189,3 +189,10 @@ def test_world_batch_encodes_the_renderers_images_of_the_prompt(tiny_session):
     record = raft_round(tiny_session, get_oracle("larger-shape"), "a large red circle", 5, 3, optimizer, 1,
                         torch.Generator().manual_seed(0), source="world")
     assert record["best"] == max(range(3), key=scores.__getitem__)
+
+
+def test_parse_value_reads_settings_from_the_command_line():
+    from d3po_studio.bench.learning import parse_value
+    assert parse_value("null") is None and parse_value("true") is True and parse_value("none") == "none"
+    assert parse_value("8") == 8 and parse_value("0.07") == 0.07
+    assert parse_value("to_q,to_v,conv1") == ("to_q", "to_v", "conv1")    # lora_targets
