@@ -45,7 +45,7 @@ from ..core.oracles import get_oracle
 from ..core.sampling import make_scheduler, predict_noise
 from ..core.simulate import EVAL_SEED_OFFSET, _ratio, eval_set, evaluate
 from ..core.storage import write_json
-from .learning import BENCH_SETTINGS, CHOOSERS, CONTROL, parse_value, run_cells, tables
+from .learning import BENCH_SETTINGS, CHOOSERS, CONTROL, format_value, parse_value, run_cells, tables
 from .report import write_section
 
 EVAL_AT = (10, 25, 50, 100)
@@ -148,7 +148,7 @@ def markdown(reports: list[dict], command: str, rounds: int, eval_pairs: int) ->
         "## Which choosers the LoRA can learn at all: fitted to the chooser's best images",
         "",
         f"Command: `{command}` ({time.strftime('%Y-%m-%d')}; one torch thread per cell). Each cell: a fresh "
-        "session on the embedded model (the defaults' LoRA: rank 4 on the attention projections), then per round "
+        "session on the embedded model (the defaults' LoRA, rank 4 on the attention projections, unless the variant names other lora_ settings), then per round "
         "k images of a prompt from the embedded world — sampled by the model (**raft**) or drawn by the world's "
         "renderer (**world**) — the chooser's best of them kept, and supervised "
         "denoising steps on it (AdamW, no preference loss, no trust region); evaluated like bench/learning.py "
@@ -188,7 +188,7 @@ def main(argv=None) -> None:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="d3po-expressible-"))
     settings = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     variant = (f"{'raft' if args.source == 'model' else 'world'}-k{args.k}-s{args.sft_steps}-lr{args.lr:g}"
-               + "".join(f"-{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in settings.items()))
+               + "".join(f"-{k}={format_value(v)}" for k, v in settings.items()))
     cells = [{"variant": variant, "chooser": c, "seed": s, "k": args.k, "sft_steps": args.sft_steps, "lr": args.lr,
               "source": args.source, "settings": settings,
               "rounds": args.rounds, "eval_pairs": args.eval_pairs,

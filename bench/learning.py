@@ -55,6 +55,13 @@ def parse_value(text: str):
     return text
 
 
+def format_value(value) -> str:
+    """A settings value for a table: tuples as the command line writes them (to_q,to_v)."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(format_value, value))
+    return str(value)
+
+
 def cell_name(variant: str, chooser: str, n: int, seed: int) -> str:
     return f"{variant}__{chooser}__n{n}__s{seed}"
 
@@ -198,7 +205,7 @@ def markdown(reports: list[dict], variants: dict, command: str, clicks: int, eva
         "(mean over the clicks since the previous evaluation; 50% = no generalisation). Mean ± sd over seeds.",
         "",
         "Variants (settings on top of the defaults of `core/config.py`, plus no gradient checkpointing, "
-        "which changes no number): " + "; ".join(f"**{k}**: {', '.join(f'{a}={b}' for a, b in v.items()) or 'the defaults'}"
+        "which changes no number): " + "; ".join(f"**{k}**: {', '.join(f'{a}={format_value(b)}' for a, b in v.items()) or 'the defaults'}"
                                                  for k, v in variants.items()) + ".",
         "",
         *tables(reports, clicks, EVAL_AT, "Control: random clicks, scored by each chooser at the last evaluation "

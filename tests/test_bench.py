@@ -196,3 +196,5 @@ def test_parse_value_reads_settings_from_the_command_line():
     assert parse_value("null") is None and parse_value("true") is True and parse_value("none") == "none"
     assert parse_value("8") == 8 and parse_value("0.07") == 0.07
     assert parse_value("to_q,to_v,conv1") == ("to_q", "to_v", "conv1")    # lora_targets
+    from d3po_studio.bench.learning import format_value
+    assert format_value(parse_value("to_q,to_v,conv1")) == "to_q,to_v,conv1"
