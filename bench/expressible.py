@@ -43,9 +43,10 @@ from ..core.diffusion_dpo import noised
 from ..core.lora import activate
 from ..core.oracles import get_oracle
 from ..core.sampling import make_scheduler, predict_noise
-from ..core.simulate import EVAL_SEED_OFFSET, _ratio, eval_set, evaluate
+from ..core.simulate import EVAL_SEED_OFFSET, eval_set, evaluate
 from ..core.storage import write_json
-from .learning import BENCH_SETTINGS, CHOOSERS, CONTROL, format_value, parse_value, run_cells, tables
+from .learning import (BENCH_SETTINGS, CHOOSERS, CONTROL, add_output_arguments, format_value, parse_value,
+                       run_cells, tables)
 from .report import write_section
 
 EVAL_AT = (10, 25, 50, 100)
@@ -68,9 +69,7 @@ def world_batch(pipe, prompt: str, seed: int, k: int, device) -> tuple[list, tor
     pixels = pipe.image_processor.preprocess(images).to(device, pipe.vae.dtype)
     with torch.no_grad():
         latents = pipe.vae.encode(pixels).latent_dist.mean * pipe.vae.config.scaling_factor
-    height, width = images[0].height, images[0].width
-    with torch.no_grad():
-        cond = encode_conditioning(pipe, prompt, "", height, width, device)
+        cond = encode_conditioning(pipe, prompt, "", images[0].height, images[0].width, device)
     return images, latents.float().cpu(), cond
 
 
@@ -129,9 +128,7 @@ def run_cell(cell: dict) -> dict:
                        cell["sft_steps"], generator, cell.get("source", "model"))
             seconds.append(time.perf_counter() - tick)
             if r in EVAL_AT or r == rounds:
-                row, _ = evaluate(session, pairs, base, r)
-                row["fidelity_vs_base"] = _ratio(row["fidelity"], base_fid)
-                rows.append(row)
+                rows.append(evaluate(session, pairs, base, r, base_fid)[0])
             if r % 5 == 0:
                 print(f"round {r}/{rounds} at {time.perf_counter() - started:.0f} s", flush=True)
         report = {"oracle": cell["chooser"], "n": cell["k"], "seed": seed, "rounds": rounds,
@@ -148,7 +145,8 @@ def markdown(reports: list[dict], command: str, rounds: int, eval_pairs: int) ->
         "## Which choosers the LoRA can learn at all: fitted to the chooser's best images",
         "",
         f"Command: `{command}` ({time.strftime('%Y-%m-%d')}; one torch thread per cell). Each cell: a fresh "
-        "session on the embedded model (the defaults' LoRA, rank 4 on the attention projections, unless the variant names other lora_ settings), then per round "
+        "session on the embedded model (the defaults' LoRA, rank 4 on the attention projections, unless the "
+        "variant names other lora_ settings), then per round "
         "k images of a prompt from the embedded world — sampled by the model (**raft**) or drawn by the world's "
         "renderer (**world**) — the chooser's best of them kept, and supervised "
         "denoising steps on it (AdamW, no preference loss, no trust region); evaluated like bench/learning.py "
@@ -176,11 +174,8 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--eval-pairs", type=int, default=48)
     p.add_argument("--jobs", type=int, default=2, help="cells at once (one torch thread each)")
-    p.add_argument("--workdir", help="keep the cells here; existing reports are reused, and every cell here is "
-                                     "tabulated (default: a temp folder)")
-    p.add_argument("--docs", default=None, help="benchmarks.md to write (default docs/benchmarks.md)")
-    p.add_argument("--no-docs", action="store_true", help="print the table only")
-    p.add_argument("--no-run", action="store_true", help="tabulate the cells already in --workdir, run none")
+    add_output_arguments(p, "keep the cells here; existing reports are reused, and every cell here is "
+                            "tabulated (default: a temp folder)")
     args = p.parse_args(argv)
     if args.cell:
         run_cell(json.loads(args.cell))

@@ -120,6 +120,14 @@ def run_cells(cells: list[dict], jobs: int, deadline: float | None = None, stop:
                 print(f"{Path(cell['out']).name}: {status}", flush=True)
 
 
+def add_output_arguments(p: argparse.ArgumentParser, workdir_help: str) -> None:
+    """--workdir, --docs, --no-docs and --no-run: where a study's cells live and where its table goes."""
+    p.add_argument("--workdir", help=workdir_help)
+    p.add_argument("--docs", default=None, help="benchmarks.md to write (default docs/benchmarks.md)")
+    p.add_argument("--no-docs", action="store_true", help="print the table only")
+    p.add_argument("--no-run", action="store_true", help="tabulate the cells already in --workdir, run none")
+
+
 def load_reports(cells: list[dict]) -> list[dict]:
     reports = []
     for c in cells:
@@ -268,10 +276,7 @@ def main(argv=None) -> None:
     p.add_argument("--by", choices=("seed", "variant"), default="seed", help="outermost loop of the plan")
     p.add_argument("--deadline", type=float, help="start no cell after this many seconds")
     p.add_argument("--stop", type=float, help="kill the cells still running after this many seconds")
-    p.add_argument("--workdir", help="keep the cells here; existing reports are reused (default: a temp folder)")
-    p.add_argument("--docs", default=None, help="benchmarks.md to write (default docs/benchmarks.md)")
-    p.add_argument("--no-docs", action="store_true", help="print the table only")
-    p.add_argument("--no-run", action="store_true", help="tabulate the cells already in --workdir, run none")
+    add_output_arguments(p, "keep the cells here; existing reports are reused (default: a temp folder)")
     args = p.parse_args(argv)
     if args.cell:
         run_cell(json.loads(args.cell))

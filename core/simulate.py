@@ -56,8 +56,9 @@ def score_each(oracle, images, prompts) -> list[float]:
     return [float(oracle([image], prompt)[0]) for image, prompt in zip(images, prompts)]
 
 
-def evaluate(session, pairs, base_images, clicks: int) -> tuple[dict, list]:
-    """Render the held-out pairs with the LoRA on and compare with the base images."""
+def evaluate(session, pairs, base_images, clicks: int, base_fidelity: dict | None = None) -> tuple[dict, list]:
+    """Render the held-out pairs with the LoRA on and compare with the base images (and, given the
+    base images' ``fidelity``, the tuned fidelity as a ratio of it: ``fidelity_vs_base``)."""
     from .embedded.checker import fidelity
     prompts = [p for p, _ in pairs]
     tuned = [session.render(p, s, scale=1.0)[0] for p, s in pairs]
@@ -67,6 +68,8 @@ def evaluate(session, pairs, base_images, clicks: int) -> tuple[dict, list]:
                                               score_each(oracle, tuned, prompts))
         row["oracles"][name]["tuned_mean"] = float(np.mean(score_each(oracle, tuned, prompts)))
     row["fidelity"] = fidelity(tuned, prompts)
+    if base_fidelity is not None:
+        row["fidelity_vs_base"] = _ratio(row["fidelity"], base_fidelity)
     return row, tuned
 
 
@@ -105,8 +108,7 @@ def run_simulation(out, *, oracle: str, rounds: int, n: int = 2, seed: int = 0, 
                 while queue:
                     rolled_back += bool(_prefer(session, queue.pop(0)).get("rolled_back"))
             if click in checkpoints:
-                row, tuned = evaluate(session, pairs, base, click)
-                row["fidelity_vs_base"] = _ratio(row["fidelity"], base_fid)
+                row, tuned = evaluate(session, pairs, base, click, base_fid)
                 row["fresh_accuracy"] = _mean_recent(fresh, click - (rows[-1]["clicks"] if rows else 0))
                 rows.append(row)
                 write_json(out / "partial.json", {"oracle": oracle, "n": n, "seed": seed, "checkpoints": rows,
