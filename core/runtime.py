@@ -137,7 +137,7 @@ def _choose_attention(name: str, dev: torch.device, notes: list) -> str:
         return "sdpa"
     why_not = _xformers_unavailable(dev)
     if why_not is None:
-        notes.append(f"attention: xformers ({'asked for' if name != 'auto' else 'auto: CUDA and xformers importable'})")
+        notes.append(f"attention: xformers ({'asked for' if name != 'auto' else 'auto: CUDA, and xformers runs here'})")
         return "xformers"
     if name == "xformers":
         raise ConfigError(f"attention='xformers' is not available: {why_not}; use attention='auto' or 'sdpa'")
@@ -152,6 +152,23 @@ def _xformers_unavailable(dev: torch.device) -> str | None:
         import xformers.ops  # noqa: F401
     except ImportError as e:
         return f"xformers is not importable ({e}); pip install xformers to use it"
+    return _xformers_fails(dev)
+
+
+def _xformers_fails(dev: torch.device) -> str | None:
+    """Why xformers' attention cannot run on ``dev``, or None. An xformers built for another torch
+    or CUDA imports but has no kernels (seen on an H100: xformers 0.0.35 built for torch 2.10
+    under torch 2.11), and diffusers' switch to it then raises at the first pipeline; so run the
+    same small fp32 attention diffusers tries, once, before choosing it."""
+    import xformers.ops
+    try:
+        q = torch.randn((1, 2, 40), device=dev)
+        xformers.ops.memory_efficient_attention(q, q, q)
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return (f"xformers {getattr(xformers, '__version__', '')} is installed but its attention does not run here "
+                f"({type(e).__name__}: {first}); it was built for another torch or CUDA: install the xformers "
+                f"release built for torch {torch.__version__}")
     return None
 
 
