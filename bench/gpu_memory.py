@@ -98,6 +98,7 @@ VARIANTS = {
     "ours-no-decode": Variant({}, True, "the denoising steps alone, no VAE decode: their own peak",
                               vae_slicing=True, decode=False, baseline="ours-vae-slicing"),
     "ours-adamw32": Variant({"optimizer": "adamw"}, True, "32-bit torch AdamW instead of the automatic choice"),
+    "ours-sdpa": Variant({"attention": "sdpa"}, True, "torch SDPA attention (where the automatic choice is xformers)"),
     "official": Variant({}, False, "official recipe: deep-copied reference UNet, no checkpointing, "
                                    "32-bit AdamW, classic attention, both images' graphs alive", official=True),
 }
@@ -437,6 +438,8 @@ def main(argv=None) -> None:
                                                           "with --device, from the device's results)")
     p.add_argument("--device", help="real tensors on this device (cuda, cpu) instead of fake ones; then "
                                     "--results defaults to " + DEVICE_RESULTS.name)
+    p.add_argument("--section", default="gpu_memory", help="with --device: the section of --doc to write (another "
+                                                           "name: a second GPU's rows in a section of their own)")
     p.add_argument("--budget-s", type=float, help="with --device: start no row after this many seconds")
     p.add_argument("--steps", type=int, default=STEPS, help="with --device: DDIM steps of the sampled pair and "
                                                             "of the trained trajectory (fewer: a smoke test)")

@@ -28,7 +28,7 @@ DEVICE_VARIANTS = ["ours", "official", "ours-split", "ours-no-checkpointing", "o
 # The card each family is checked against (issue 12's targets), and what the CUDA context takes of it.
 CARDS_GIB = {"sd1": 8, "sdxl": 12}
 CUDA_CONTEXT = 0.5e9
-WITH_SAMPLING = ("ours", "official")           # rows whose sampling is measured and timed too
+WITH_SAMPLING = ("ours", "official", "ours-sdpa")           # rows whose sampling is measured and timed too
 # Most needed first, so that a run stopped by --budget-s or a timeout has them (≈ 200 s on an H200).
 DEVICE_PLAN = [("sdxl:1024", "ours"), ("sd1:512", "ours"), ("sdxl:1024", "official"), ("sd1:512", "official"),
                *[(key, name) for key in ("sdxl:1024", "sd1:512")
@@ -195,20 +195,25 @@ def _summary(row: dict) -> str:
                if row.get("failed_clicks") else ""))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _gb_or_dash(n_bytes) -> str:
     return "—" if n_bytes is None else report.gb(n_bytes)
 
 
 def device_markdown(results: list[dict], command: str, environment: dict, runs: list[dict] | None = None,
-                    notes: list[str] | None = None) -> str:
+                    notes: list[str] | None = None, primary: bool = True) -> str:
     """Memory and seconds measured on the device, beside the fake-tensor figures of RESULTS; ``runs``
-    (merged runs: when, which commit, what they skipped) and ``notes`` (paragraphs) from the JSON."""
+    (merged runs: when, which commit, what they skipped) and ``notes`` (paragraphs) from the JSON.
+    ``primary``: the main GPU section, which also lists the rows no run measured."""
     fake = {}
     if RESULTS.exists():
         fake = {(r["family"], r["size"], r["variant"]): r for r in json.loads(RESULTS.read_text())["results"]}
     out = [f"## GPU memory and time of a click, measured on {environment['gpu']}\n",
            f"{environment['gpu']}, torch {environment['torch']}, {environment['packages']}. "
-           f"Date: {environment['date']}. Command: `{command}`.\n", *_runs(runs or [], results, fake), DEVICE_INTRO]
+           f"Date: {environment['date']}. Command: `{command}`.\n", *_runs(runs or [], results, fake, primary), DEVICE_INTRO]
     choices = next((r["runtime_notes"] for r in results if r.get("variant") == "ours" and "runtime_notes" in r), [])
     if choices:
         out.append("The session's automatic choices there: " + "; ".join(choices) + ".\n")
@@ -222,21 +227,23 @@ def device_markdown(results: list[dict], command: str, environment: dict, runs: 
                             if errors else []))
 
 
-def _runs(runs: list[dict], results: list[dict], fake: dict) -> list[str]:
+def _runs(runs: list[dict], results: list[dict], fake: dict, primary: bool = True) -> list[str]:
     """What ran where and when, which rows no run reached (their figures are fake-tensor only)."""
     if not runs:
         return []
     ran = {f"{r['family']}:{r['size']} {r['variant']}" for r in results if "error" not in r}
     lines = [f"- run {r['run']}, started {r['started']}, code at about commit {r['code']}: `{r['command']}`; "
-             f"{sum(x.get('run') == r['run'] for x in results)} rows" for r in runs]
+             f"{_count(sum(x.get('run') == r['run'] for x in results), 'row')}" for r in runs]
     skipped = list(dict.fromkeys(k for r in runs for k in r["skipped"] if k not in ran))
     unplanned = [f"{family}:{size} {name}" for family, size, name in fake
                  if f"{family}:{size} {name}" not in ran and f"{family}:{size} {name}" not in skipped
                  and size == NATIVE.get(family)]
-    return [f"{len(runs)} runs on this GPU, merged (the figures of all rows below are from them):\n", *lines, "",
-            "Not measured on the GPU, so **fake-tensor figures only**: skipped by `--budget-s` in every run that "
-            f"planned them: {', '.join(skipped) or 'none'}; not in the device plan: {', '.join(unplanned) or 'none'} "
-            "(ours' sampling on the GPU decodes one image at a time, the configuration of ours-vae-slicing).\n",
+    head = (f"{len(runs)} runs on this GPU, merged (the figures of all rows below are from them):\n" if len(runs) > 1
+            else "One run on this GPU (the figures of all rows below are from it):\n")
+    unmeasured = ["Not measured on the GPU, so **fake-tensor figures only**: skipped by `--budget-s` in every run that "
+                  f"planned them: {', '.join(skipped) or 'none'}; not in the device plan: {', '.join(unplanned) or 'none'} "
+                  "(ours' sampling on the GPU decodes one image at a time, the configuration of ours-vae-slicing).\n"]
+    return [head, *lines, "", *(unmeasured if primary else []),
             "**Which figures are which.** Measured on the GPU: the columns *CUDA peak*, *live bytes (real)* and "
             "*seconds*, and TFLOP/s achieved. Fake-tensor figures (computed on a CPU without a GPU): the column "
             "*live bytes (fake)* and every table of the section \"measured with fake tensors\" below. Estimates: "
@@ -322,7 +329,7 @@ def _estimate_against_cuda(results: list[dict]) -> list[str]:
                                 ("sampling, text encoders on the host for the decode", "sampling_encoders_off", None),
                                 ("a click (the larger of the last and the update)", "click", None)):
             rows.append([_model(r), what, report.gb(est[key]), _gb_or_dash(cuda),
-                         f"{est[key] / cuda - 1:+.1%}" if cuda else "not measured on a GPU"])
+                         f"{est[key] / cuda - 1:+.1%}" if cuda else "not measured on this GPU"])
         gib = CARDS_GIB.get(family)
         if gib:
             free = gib * 2 ** 30 - CUDA_CONTEXT
@@ -380,18 +387,20 @@ def device_environment(device: str) -> dict:
 
 
 def write_device(results: list[dict], command: str, environment: dict, doc, results_path,
-                 runs: list[dict] | None = None, notes: list[str] | None = None) -> None:
-    """The device run's JSON, and the "gpu_memory" section of ``doc``: the device's tables, then
-    the fake-tensor ones of RESULTS. ``runs`` and ``notes``: kept in the JSON, see device_markdown."""
+                 runs: list[dict] | None = None, notes: list[str] | None = None,
+                 section: str = "gpu_memory") -> None:
+    """The device run's JSON, and the ``section`` of ``doc``: the device's tables, then (in the
+    main "gpu_memory" section) the fake-tensor ones of RESULTS. ``runs`` and ``notes``: kept in
+    the JSON, see device_markdown."""
     Path(results_path).parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": command, "environment": environment, "card": CARD,
                **({"runs": runs} if runs else {}), **({"notes": notes} if notes else {}), "results": results}
     Path(results_path).write_text(json.dumps(payload, indent=1))
-    text = device_markdown(results, command, environment, runs, notes)
-    if RESULTS.exists():
+    text = device_markdown(results, command, environment, runs, notes, primary=section == "gpu_memory")
+    if RESULTS.exists() and section == "gpu_memory":
         fake = json.loads(RESULTS.read_text())
         text += "\n" + markdown(fake["results"], fake["command"])
-    report.write_section("gpu_memory", text, doc)
+    report.write_section(section, text, doc)
 
 
 def parse_device_plan(items: list[str] | None, variants: list[str] | None) -> list[tuple[str, str]]:
@@ -411,10 +420,11 @@ def main_on_device(a, command: str) -> None:
     if a.rewrite:
         payload = json.loads(results_path.read_text())
         write_device(payload["results"], payload["command"], payload["environment"], a.doc, results_path,
-                     payload.get("runs"), payload.get("notes"))
+                     payload.get("runs"), payload.get("notes"), a.section)
         return
     environment = device_environment(a.device)
     print(f"{environment['gpu']}, torch {environment['torch']}, {environment['packages']}", flush=True)
     run_on_device(parse_device_plan(a.plan, a.variants), a.device, a.budget_s, started=started, steps=a.steps,
                   log=lambda line: print(line, flush=True),
-                  on_result=lambda results: write_device(results, command, environment, a.doc, results_path))
+                  on_result=lambda results: write_device(results, command, environment, a.doc, results_path,
+                                                         section=a.section))

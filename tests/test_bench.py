@@ -198,3 +198,28 @@ def test_parse_value_reads_settings_from_the_command_line():
     assert parse_value("to_q,to_v,conv1") == ("to_q", "to_v", "conv1")    # lora_targets
     from d3po_studio.bench.learning import format_value
     assert format_value(parse_value("to_q,to_v,conv1")) == "to_q,to_v,conv1"
+
+
+def test_learning_devices_compares_the_cells_both_devices_ran(tmp_path):
+    """A real cell (two clicks on the embedded model) read from report.json on one side and
+    from a stopped cell's partial.json on the other; only the cells and evaluations both have."""
+    import json
+    import shutil
+
+    from d3po_studio.bench import learning, learning_devices
+    a, b = tmp_path / "gpu", tmp_path / "cpu"
+    cell = {"variant": "v", "settings": {"steps": 2}, "chooser": "brighter", "n": 2, "seed": 0, "clicks": 2,
+            "eval_pairs": 2, "out": str(a / "v__brighter__n2__s0")}
+    learning.run_cell(cell)
+    report = json.loads((a / "v__brighter__n2__s0" / "report.json").read_text())
+    (b / "v__brighter__n2__s0").mkdir(parents=True)
+    (b / "v__brighter__n2__s0" / "partial.json").write_text(json.dumps(report))
+    shutil.copytree(a / "v__brighter__n2__s0", a / "v__random__n2__s0")     # only on one side
+    rows = learning_devices.compare(learning_devices.load_cells(a), learning_devices.load_cells(b))
+    assert [(r["cell"], r["score"]) for r in rows] == [("v__brighter__n2__s0", "brighter")]
+    assert rows[0]["a"] == rows[0]["b"] and rows[0]["clicks"] == report["checkpoints"][-1]["clicks"]
+    doc = tmp_path / "bench.md"
+    learning_devices.main(["--cells", str(a), "gpu", "--cells", str(b), "cpu", "--docs", str(doc)])
+    text = doc.read_text()
+    assert "bench:learning_devices:start" in text and "| v__brighter__n2__s0 | brighter |" in text
+    assert "+0.00 |" in text and "purposeful choosers mean 0.00" in text
