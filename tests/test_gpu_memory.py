@@ -338,3 +338,25 @@ def test_the_text_encoders_wait_on_the_host_during_the_decode_only_when_sampling
         assert moved == [memory.TEXT_ENCODERS]
         s.render("a red circle", seed=0, n=1, height=128, width=128)  # one image: 2.516e9 fits
         assert moved == [memory.TEXT_ENCODERS]
+
+
+def test_a_failed_device_row_is_recorded_and_frees_its_pipeline(monkeypatch):
+    """A row that raises (on the H100: xformers without kernels, at the pipeline's switch to it)
+    records its error, the plan goes on, and none of its models stays alive to count in the next
+    row's peak."""
+    import gc
+
+    from diffusers import UNet2DConditionModel
+
+    from d3po_studio.bench import gpu_memory_device
+    from d3po_studio.core import opening
+
+    def no_kernels(pipe, attention):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+    monkeypatch.setattr(opening, "apply_attention", no_kernels)
+    rows = gpu_memory_device.run_on_device([("tiny-sd1:64", "ours"), ("tiny-sd1:64", "ours-sdpa")], "cpu", steps=2,
+                                    log=lambda line: None)
+    assert [r["error"] for r in rows] == ["NotImplementedError: No operator found for "
+                                          "`memory_efficient_attention_forward`"] * 2
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, UNet2DConditionModel)]
