@@ -57,7 +57,7 @@ class Settings:
     dtype: str = "auto"             # frozen weights: auto = fp16 on CUDA/MPS, bf16 on a CPU that has it
     device: str = "auto"            # auto = cuda, then mps, then cpu
     optimizer: str = "auto"         # auto = bitsandbytes AdamW8bit where it runs, else torch AdamW
-    attention: str = "auto"         # auto = xformers on CUDA when importable, else torch SDPA
+    attention: str = "auto"         # auto = xformers on CUDA when it runs there, else torch SDPA
     gradient_checkpointing: bool = True  # recompute activations in backward: less memory, more time
     backward: str = "joint"         # "split": winner and loser backpropagated one at a time (less memory)
     seed: int = 0                   # seeds the LoRA init and the choice of trained steps
