@@ -345,18 +345,26 @@ def test_a_failed_device_row_is_recorded_and_frees_its_pipeline(monkeypatch):
     records its error, the plan goes on, and none of its models stays alive to count in the next
     row's peak."""
     import gc
-
-    from diffusers import UNet2DConditionModel
+    import weakref
 
     from d3po_studio.bench import gpu_memory_device
     from d3po_studio.core import opening
 
+    built = []
+
+    def build_and_watch(*args, **kwargs):
+        pipe = build_pipeline(*args, **kwargs)
+        built.extend(weakref.ref(m) for m in (pipe, pipe.unet, pipe.vae, pipe.text_encoder))
+        return pipe
+
     def no_kernels(pipe, attention):
         raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+    build_pipeline = gpu_memory_device.build_pipeline
+    monkeypatch.setattr(gpu_memory_device, "build_pipeline", build_and_watch)
     monkeypatch.setattr(opening, "apply_attention", no_kernels)
     rows = gpu_memory_device.run_on_device([("tiny-sd1:64", "ours"), ("tiny-sd1:64", "ours-sdpa")], "cpu", steps=2,
-                                    log=lambda line: None)
+                                           log=lambda line: None)
     assert [r["error"] for r in rows] == ["NotImplementedError: No operator found for "
                                           "`memory_efficient_attention_forward`"] * 2
     gc.collect()
-    assert not [o for o in gc.get_objects() if isinstance(o, UNet2DConditionModel)]
+    assert len(built) == 8 and all(ref() is None for ref in built)
