@@ -396,8 +396,9 @@ def write_device(results: list[dict], command: str, environment: dict, doc, resu
     payload = {"command": command, "environment": environment, "card": CARD,
                **({"runs": runs} if runs else {}), **({"notes": notes} if notes else {}), "results": results}
     Path(results_path).write_text(json.dumps(payload, indent=1))
-    text = device_markdown(results, command, environment, runs, notes, primary=section == "gpu_memory")
-    if RESULTS.exists() and section == "gpu_memory":
+    primary = section == "gpu_memory"
+    text = device_markdown(results, command, environment, runs, notes, primary)
+    if RESULTS.exists() and primary:
         fake = json.loads(RESULTS.read_text())
         text += "\n" + markdown(fake["results"], fake["command"])
     report.write_section(section, text, doc)

@@ -17,33 +17,39 @@ import statistics
 import sys
 from pathlib import Path
 
+from .learning import CONTROL
 from .report import table, write_section
 
 RANDOM_SCORES = ("brighter", "warmer")
 
 
 def load_cells(folder) -> dict[str, dict]:
-    """``{cell name: its checkpoints by clicks}`` from report.json, else partial.json."""
+    """``{cell name: {"oracle", "checkpoints" by clicks}}`` from report.json, else partial.json."""
     cells = {}
-    for path in sorted(Path(folder).iterdir()):
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_dir()):
         report = next((path / name for name in ("report.json", "partial.json") if (path / name).exists()), None)
-        if path.is_dir() and report is not None:
-            cells[path.name] = {c["clicks"]: c for c in json.loads(report.read_text())["checkpoints"]}
+        if report is not None:
+            data = json.loads(report.read_text())
+            cells[path.name] = {"oracle": data["oracle"], "checkpoints": {c["clicks"]: c for c in data["checkpoints"]}}
     return cells
+
+
+def _view(checkpoint: dict, score: str) -> tuple[float, float, float]:
+    """Win rate, effect and fidelity of one evaluation, by one chooser's score."""
+    o = checkpoint["oracles"][score]
+    return o["win_rate"], o["effect_size"], checkpoint["fidelity_vs_base"]
 
 
 def compare(a: dict[str, dict], b: dict[str, dict]) -> list[dict]:
     """One row per (cell, score, evaluation both reached): the win rate, effect and fidelity on each."""
     rows = []
     for name in sorted(set(a) & set(b)):
-        chooser = name.split("__")[1]
-        scores = RANDOM_SCORES if chooser == "random" else (chooser,)
-        for clicks in sorted(set(a[name]) & set(b[name])):
-            for score in scores:
-                x, y = a[name][clicks], b[name][clicks]
-                rows.append({"cell": name, "score": score, "clicks": clicks,
-                             "a": (x["oracles"][score]["win_rate"], x["oracles"][score]["effect_size"], x["fidelity_vs_base"]),
-                             "b": (y["oracles"][score]["win_rate"], y["oracles"][score]["effect_size"], y["fidelity_vs_base"])})
+        random = a[name]["oracle"] == CONTROL
+        x, y = a[name]["checkpoints"], b[name]["checkpoints"]
+        for clicks in sorted(set(x) & set(y)):
+            for score in RANDOM_SCORES if random else (a[name]["oracle"],):
+                rows.append({"cell": name, "score": score, "clicks": clicks, "random": random,
+                             "a": _view(x[clicks], score), "b": _view(y[clicks], score)})
     return rows
 
 
@@ -51,8 +57,8 @@ def markdown(rows: list[dict], labels: tuple[str, str], command: str) -> str:
     def cell(v):
         return f"{v[0]:.0%} / {v[1]:+.2f} / {v[2]:.0%}"
     body = [[r["cell"], r["score"], r["clicks"], cell(r["a"]), cell(r["b"]), f"{r['a'][1] - r['b'][1]:+.2f}"] for r in rows]
-    purposeful = [abs(r["a"][1] - r["b"][1]) for r in rows if not r["cell"].split("__")[1] == "random"]
-    randoms = [abs(r["a"][1] - r["b"][1]) for r in rows if r["cell"].split("__")[1] == "random"]
+    purposeful = [abs(r["a"][1] - r["b"][1]) for r in rows if not r["random"]]
+    randoms = [abs(r["a"][1] - r["b"][1]) for r in rows if r["random"]]
     summary = [f"|Δ effect| between the devices: purposeful choosers mean {statistics.mean(purposeful):.2f} "
                f"(at most {max(purposeful):.2f}, {len(purposeful)} comparisons)" if purposeful else "",
                f"random clicks mean {statistics.mean(randoms):.2f} (at most {max(randoms):.2f}, {len(randoms)}): "

@@ -165,7 +165,7 @@ def _xformers_fails(dev: torch.device) -> str | None:
         q = torch.randn((1, 2, 40), device=dev)
         xformers.ops.memory_efficient_attention(q, q, q)
     except Exception as e:  # noqa: BLE001 - any failure means: do not use it
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = next(iter(str(e).strip().splitlines()), "")
         return (f"xformers {getattr(xformers, '__version__', '')} is installed but its attention does not run here "
                 f"({type(e).__name__}: {first}); it was built for another torch or CUDA: install the xformers "
                 f"release built for torch {torch.__version__}")
