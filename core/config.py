@@ -17,7 +17,7 @@ OPTIMIZERS = ("auto", "adamw8bit", "adamw")
 ATTENTIONS = ("auto", "xformers", "sdpa")
 BACKWARDS = ("joint", "split")
 OBJECTIVES = ("d3po", "diffusion-dpo")
-STEP_WEIGHTS = ("noise", "none")
+STEP_WEIGHTS = ("noise", "x0", "none")
 
 
 @dataclass(frozen=True)

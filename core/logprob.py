@@ -43,7 +43,7 @@ def step_coefficients(scheduler, timestep: int, eta: float) -> tuple[float, floa
     return alpha_prod_t, alpha_prod_t_prev, sigma_t
 
 
-STEP_WEIGHTS = ("noise", "none")
+STEP_WEIGHTS = ("noise", "x0", "none")
 
 
 def output_coefficient(scheduler, timestep: int, eta: float) -> float:
@@ -78,15 +78,24 @@ def step_weight(scheduler, timestep: int, eta: float, weighting: str = "noise") 
     ≈ 0.3 elsewhere) dominates every other step by two orders of magnitude. ``"noise"`` multiplies
     it by w_t = σ_t²/c_t², which leaves (σ_t/c_t)·⟨z, δ⟩ − ½‖δ‖², δ = f_θ − f_ref: every step
     counts on the scale of the noise prediction, as in Diffusion-DPO (Wallace et al. 2023, eq. 14).
-    ``"none"`` is the official D3PO (w_t = 1).
+    ``"x0"`` weights each step by what its noise does to the final image instead:
+    w_t = σ_t²/(|c_t|·√ᾱ_{t-1}), which leaves (σ_t/√ᾱ_{t-1})·⟨±z, δ⟩ + O(δ²). A coarse
+    perturbation of x_{t-1} reaches x_0 about 1/√ᾱ_{t-1} times larger (the model reads it as
+    image, not noise), so σ_t/√ᾱ_{t-1} is the share of the chooser's signal that step's noise
+    can hold; weighting each step's term by it maximises the agreement of two clicks'
+    gradients (docs/algorithm.md). ``"none"`` is the official D3PO (w_t = 1).
     """
     if weighting == "none":
         return 1.0
-    if weighting != "noise":
+    if weighting not in STEP_WEIGHTS:
         raise ValueError(f"step_weight={weighting!r}: use one of {STEP_WEIGHTS}")
-    sigma_t = step_coefficients(scheduler, timestep, eta)[2]
+    _, alpha_prod_t_prev, sigma_t = step_coefficients(scheduler, timestep, eta)
     c_t = output_coefficient(scheduler, timestep, eta)
-    return 0.0 if c_t == 0.0 else sigma_t ** 2 / c_t ** 2
+    if c_t == 0.0:
+        return 0.0
+    if weighting == "x0":
+        return sigma_t ** 2 / (abs(c_t) * alpha_prod_t_prev ** 0.5)
+    return sigma_t ** 2 / c_t ** 2
 
 
 def ddim_step_with_logprob(

@@ -100,8 +100,45 @@ def test_noise_weighting_values_on_the_embedded_schedule():
     weights = [step_weight(scheduler, t, 1.0) for t in scheduler.timesteps.tolist()]
     assert weights[0] == pytest.approx(0.4766, abs=1e-3) and weights[-1] == pytest.approx(0.0073, abs=1e-3)
     assert step_weight(scheduler, 999, 1.0, "none") == 1.0
+    x0 = [step_weight(scheduler, t, 1.0, "x0") for t in scheduler.timesteps.tolist()]
+    for t, w_x0, w in zip(scheduler.timesteps.tolist(), x0, weights):   # σ²/c² times |c|/√ᾱ_{t-1}
+        alpha_prev = step_coefficients(scheduler, t, 1.0)[1]
+        assert w_x0 == pytest.approx(w * abs(output_coefficient(scheduler, t, 1.0)) / alpha_prev ** 0.5, rel=1e-6)
+    # the first step's noise reaches the image ~8× more than the last's: it weighs ~10× the noise weighting
+    assert x0[0] / weights[0] == pytest.approx(9.9, abs=0.1) and x0[-1] / weights[-1] == pytest.approx(0.34, abs=0.01)
     with pytest.raises(ValueError, match="step_weight"):
         step_weight(scheduler, 999, 1.0, "snr")
+
+
+@pytest.mark.skipif(not HAS_EMBEDDED, reason="the embedded model's weights are not in this checkout")
+def test_a_coarse_perturbation_reaches_the_image_about_one_over_sqrt_alpha_bar_larger():
+    """The premise of step_weight="x0": a shift δ of one channel's mean in x_{t-1}, the rest of the
+    sampling unchanged (same noise), moves that channel's mean in x_0 by about δ/√ᾱ_{t-1} (the model
+    reads a coarse change as image, not as noise). Checked after the first and a middle step."""
+    from d3po_studio.core.logprob import ddim_step_with_logprob
+    from d3po_studio.core.sampling import encode_conditioning, make_scheduler, predict_noise
+    pipe, size = _pipeline("embedded")
+    scheduler = make_scheduler(pipe, 10)
+    cond = encode_conditioning(pipe, "a red circle", "", size, size, "cpu")
+
+    @torch.no_grad()
+    def final(after: int | None, delta: float) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(11)
+        x = torch.randn(1, 4, size // 2, size // 2, generator=generator) * scheduler.init_noise_sigma
+        for k, t in enumerate(scheduler.timesteps):
+            x, _ = ddim_step_with_logprob(scheduler, predict_noise(pipe.unet, x, t, cond, 6.0), t, x, 1.0,
+                                          generator=generator)
+            if k == after:
+                x = x.clone()
+                x[:, 1] += delta
+        return x[0, 1].mean()
+
+    base = final(None, 0.0)
+    for k in (0, 4):
+        alpha_prev = step_coefficients(scheduler, int(scheduler.timesteps[k]), 1.0)[1]
+        gain = float(final(k, 0.3) - base) / 0.3
+        assert gain == pytest.approx(alpha_prev ** -0.5, rel=0.35), (k, gain, alpha_prev ** -0.5)
+        assert gain > 1.5
 
 
 # ------------------------------------------------------------------ trust region
