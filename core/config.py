@@ -7,6 +7,7 @@ Defaults are calibrated on the embedded model (docs/settings.md says why).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 
 from .errors import ConfigError
@@ -37,6 +38,7 @@ class Settings:
     drift_budget: float | None = 0.08  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
     anchor_clicks: int = 8          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
+    evidence_z: float = 0.0         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
     beta: float = 0.3               # inverse temperature of the D3PO loss
     lr: float = 1e-2                # learning rate of the LoRA optimizer (the step's size is step_rms's when that is on)
     dpo_beta: float = 5000.0        # β of the diffusion-dpo objective (diffusers' example scale)
@@ -77,6 +79,8 @@ class Settings:
                "use None (off) or a positive RMS change such as 0.02")
         _check(self.drift_budget is None or self.drift_budget > 0, "drift_budget", self.drift_budget,
                "use None (off) or a positive RMS change from the base such as 0.2")
+        _check(math.isfinite(self.evidence_z) and self.evidence_z >= 0, "evidence_z", self.evidence_z,
+               "use 0 (James–Stein's threshold) or a number of null standard deviations such as 1")
         _check(self.anchor_clicks >= 0, "anchor_clicks", self.anchor_clicks,
                "use 0 (the click's own images) or a number of earlier clicks such as 4")
         _check(self.logprob_pool >= 1, "logprob_pool", self.logprob_pool, "use 1 (off) or a pooling factor such as 4")

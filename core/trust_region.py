@@ -206,25 +206,56 @@ class TrustRegion:
 # A consistent chooser adds a common direction, and |Σu|² grows as k + k(k−1)·(mean cosine).
 # The James–Stein factor max(0, 1 − k/|Σu|²) is then ≈ 0 for random clicks and → 1 as the clicks
 # agree: each click's step is the trust region's ρ times this evidence (docs/algorithm.md).
+#
+# How far |Σu|² strays above k by chance depends on how the clicks' gradients overlap: with signs
+# flipped at random (the null), |Σ s_i u_i|² has mean k and variance V = 2·Σ_{i≠j} (u_i·u_j)², large
+# when the gradients share few directions. ``Settings.evidence_z`` = z asks for k + z·√V instead of
+# k. V needs every pair's u_i·u_j, so each click keeps a count sketch of its unit gradient
+# (SKETCH numbers; the sketch's dot products are unbiased, with variance ≈ 1/SKETCH; 4 KB a click
+# in the checkpoint).
+
+SKETCH = 2048
+_HASHES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def count_sketch(unit: torch.Tensor) -> torch.Tensor:
+    """The count sketch of a flat vector: each entry added, with a fixed random sign, into one of
+    SKETCH fixed random buckets (the same for every vector of its length, in every process)."""
+    d = unit.numel()
+    if d not in _HASHES:
+        generator = torch.Generator().manual_seed(d)
+        _HASHES.clear()              # one LoRA shape per process in practice: keep one hash
+        _HASHES[d] = (torch.randint(0, SKETCH, (d,), generator=generator),
+                      torch.randint(0, 2, (d,), generator=generator).float() * 2 - 1)
+    buckets, signs = _HASHES[d]
+    return torch.zeros(SKETCH).index_add_(0, buckets, unit.float().reshape(-1) * signs)
+
 
 @dataclass
 class Evidence:
-    """The running sum of a session's unit click gradients and how many were added."""
+    """The running sum of a session's unit click gradients, how many were added, and their sketches."""
     total: torch.Tensor | None = None      # flat float32, CPU
     count: int = 0
+    sketches: torch.Tensor | None = None   # [clicks, SKETCH] float32: count sketches of the unit gradients
 
     def copy(self) -> "Evidence":
-        """An independent copy (the running sum cloned)."""
-        return Evidence(self.total.clone() if self.total is not None else None, self.count)
+        """An independent copy (the tensors cloned)."""
+        return Evidence(self.total.clone() if self.total is not None else None, self.count,
+                        self.sketches.clone() if self.sketches is not None else None)
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
         total = self.total if self.total is not None else torch.zeros(0)
-        return {"total": total.contiguous(), "count": torch.tensor([self.count])}
+        tensors = {"total": total.contiguous(), "count": torch.tensor([self.count])}
+        if self.sketches is not None:       # float16 on disk: 4 KB a click (its dot products move by ~1e-3)
+            tensors["sketches"] = self.sketches.half().contiguous()
+        return tensors
 
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Evidence":
         count = int(t["count"][0])
-        return cls(t["total"].float() if count else None, count)
+        sketches = t.get("sketches")
+        return cls(t["total"].float() if count else None, count,
+                   sketches.float() if sketches is not None and count else None)
 
 
 def unit_gradient(params) -> torch.Tensor | None:
@@ -242,15 +273,34 @@ def add_click(evidence: Evidence, unit: torch.Tensor | None) -> Evidence:
     if evidence.total is not None and evidence.total.shape != unit.shape:
         raise ValueError(f"evidence of {evidence.total.numel()} values for a LoRA of {unit.numel()}")
     total = unit.clone() if evidence.total is None else evidence.total + unit
-    return Evidence(total, evidence.count + 1)
+    sketch = count_sketch(unit)[None]
+    sketches = sketch if evidence.sketches is None else torch.cat([evidence.sketches, sketch])
+    return Evidence(total, evidence.count + 1, sketches)
 
 
-def evidence_scale(evidence: Evidence) -> float:
-    """James–Stein positive part max(0, 1 − k/|Σu|²): 0 until the clicks agree more than chance."""
+def null_sd(evidence: Evidence) -> float:
+    """√V, V = 2·Σ_{i≠j} (u_i·u_j)²: the standard deviation of |Σ s_i u_i|² over random signs s,
+    from the clicks' sketches (each squared dot product less the sketch's own variance 1/SKETCH).
+    Clicks from before the sketches were kept (an older checkpoint) count as the sketched ones do."""
+    sk = evidence.sketches
+    if sk is None or len(sk) < 2:
+        return 0.0
+    gram = sk @ sk.T
+    off = (gram.pow(2) - 1.0 / SKETCH).clamp_min(0.0)
+    m = len(sk)
+    pairs_sum = float(off.sum() - off.diagonal().sum())
+    scale = evidence.count * (evidence.count - 1) / (m * (m - 1))
+    return (2.0 * pairs_sum * scale) ** 0.5
+
+
+def evidence_scale(evidence: Evidence, z: float = 0.0) -> float:
+    """James–Stein positive part max(0, 1 − (k + z·√V)/|Σu|²): 0 until the clicks agree more than
+    chance (z null standard deviations more; z = 0 is James–Stein's k)."""
     if evidence.total is None or evidence.count < 2:     # one click cannot agree with anything
         return 0.0
     power = float(evidence.total.pow(2).sum())
-    return max(0.0, 1.0 - evidence.count / power) if power > 0 else 0.0
+    threshold = evidence.count + (z * null_sd(evidence) if z else 0.0)
+    return max(0.0, 1.0 - threshold / power) if power > 0 else 0.0
 
 
 @torch.no_grad()

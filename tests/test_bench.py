@@ -223,3 +223,26 @@ def test_learning_devices_compares_the_cells_both_devices_ran(tmp_path):
     text = doc.read_text()
     assert "bench:learning_devices:start" in text and "| v__brighter__n2__s0 | brighter |" in text
     assert "+0.00 |" in text and "purposeful choosers mean 0.00" in text
+
+
+def test_agreement_reads_each_clicks_evidence_statistics(tmp_path):
+    """A real cell (three clicks on the embedded model): every click records P = |Σu|²/k and its
+    null spread; the first click's P is exactly 1 with no spread, and the table shows both."""
+    import json
+
+    from d3po_studio.bench import agreement, learning
+    cell = {"variant": "v", "settings": {"steps": 2}, "chooser": "brighter", "n": 2, "seed": 0, "clicks": 3,
+            "eval_pairs": 2, "out": str(tmp_path / "v__brighter__n2__s0")}
+    learning.run_cell(cell)
+    stats = agreement.cell_statistics(tmp_path / "v__brighter__n2__s0")
+    assert sorted(stats) == [1, 2, 3]
+    assert stats[1] == {"power": pytest.approx(1.0, abs=1e-4), "null_sd": 0.0}
+    assert stats[3]["null_sd"] > 0 and stats[3]["power"] >= 0
+    z = (stats[3]["power"] - 1) / stats[3]["null_sd"]
+    doc = tmp_path / "bench.md"
+    agreement.main(["--workdir", str(tmp_path), "--variants", "v", "--at", "1", "3", "--docs", str(doc)])
+    text = doc.read_text()
+    assert "bench:learning_agreement:start" in text and "| v | brighter | pairs | 1 | 1.00 / 0.00 / +0.0 / inf |" in text
+    assert f"/ {z:+.1f} /" in text
+    round_json = next((tmp_path / "v__brighter__n2__s0" / "session" / "rounds").glob("*/round.json"))
+    assert "evidence_power" in json.loads(round_json.read_text())["report"]

@@ -4,15 +4,17 @@ James–Stein evidence that they agree.
 Pure: the factor against hand numbers (agreeing, opposite and orthogonal clicks), random-sign
 clicks near 0 and consistent ones near 1. In a session: the first click does not move the LoRA,
 a later click moves the predictions by ρ × the factor, and the evidence is checkpointed with the
-LoRA (reopen, undo, a rolled-back update).
+LoRA (reopen, undo, a rolled-back update). The null spread √V of ``evidence_z``: the sketches'
+estimate against the exact formula and that against random sign flips; z shuts chance agreement
+of few directions and keeps a chooser's; in a session, the factor uses the session's own spread.
 """
 from unittest import mock
 
 import pytest
 import torch
 
-from d3po_studio.core.trust_region import (Evidence, add_click, evidence_scale, predictions, probe_steps,
-                                           rms_change, unit_gradient)
+from d3po_studio.core.trust_region import (Evidence, add_click, evidence_scale, null_sd, predictions,
+                                           probe_steps, rms_change, unit_gradient)
 
 
 def _after(units):
@@ -55,7 +57,52 @@ def test_evidence_round_trips_through_tensors():
     e = _after([torch.tensor([0.6, 0.8]), torch.tensor([1.0, 0.0])])
     back = Evidence.from_tensors(e.to_tensors())
     assert back.count == 2 and torch.equal(back.total, e.total)
+    assert torch.equal(back.sketches, e.sketches.half().float())      # float16 on disk
     assert Evidence.from_tensors(Evidence().to_tensors()).total is None
+    older = {k: v for k, v in e.to_tensors().items() if k != "sketches"}    # saved before the sketches
+    assert Evidence.from_tensors(older).sketches is None and null_sd(Evidence.from_tensors(older)) == 0.0
+
+
+def _units(count: int, dim: int, rank: int, seed: int) -> list[torch.Tensor]:
+    """Random unit vectors of length ``dim`` that live in a random ``rank``-dimensional subspace."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, rank, generator=g))[0]
+    units = [basis @ torch.randn(rank, generator=g) for _ in range(count)]
+    return [u / u.norm() for u in units]
+
+
+@pytest.mark.parametrize("rank", [6, 3000])
+def test_null_sd_is_the_spread_of_the_agreement_under_random_signs(rank):
+    """√V from the sketches against the exact 2·Σ_{i≠j}(u_i·u_j)², and that against the spread of
+    |Σ s_i u_i|² over 4000 random sign vectors s (the null of random clicks)."""
+    units = _units(30, 6000, rank, seed=rank)
+    stack = torch.stack(units)
+    gram = stack @ stack.T
+    exact = float(2 * (gram.pow(2).sum() - gram.diagonal().pow(2).sum())) ** 0.5
+    signs = torch.randint(0, 2, (4000, 30), generator=torch.Generator().manual_seed(1)).float() * 2 - 1
+    spread = float((signs @ stack).pow(2).sum(dim=1).std())
+    assert spread == pytest.approx(exact, rel=0.1)
+    estimate = null_sd(_after(units))
+    assert estimate == pytest.approx(exact, rel=0.15, abs=2.0)
+    if rank == 6:       # few shared directions: the null spreads ~ k·√(2/rank), far past James–Stein's k
+        assert estimate > 0.4 * 30
+
+
+def test_evidence_z_shuts_chance_agreement_of_few_directions_and_keeps_a_chooser():
+    """Random-sign clicks whose gradients share 4 directions open James–Stein's factor by chance;
+    z = 1 null sd keeps it near shut, while a chooser with a common direction still opens it."""
+    g = torch.Generator().manual_seed(3)
+    random_js, random_z, chooser_z = [], [], []
+    for trial in range(30):
+        units = _units(20, 500, 4, seed=100 + trial)
+        signs = torch.randint(0, 2, (20,), generator=g) * 2 - 1
+        flipped = _after([s * u for s, u in zip(signs, units)])
+        random_js.append(evidence_scale(flipped))
+        random_z.append(evidence_scale(flipped, z=1.0))
+        chooser_z.append(evidence_scale(_after(units[:1] * 20), z=1.0))   # identical clicks: full agreement
+    assert sum(random_js) / 30 > 0.08                 # the failure z addresses
+    assert sum(random_z) / 30 < 0.5 * sum(random_js) / 30
+    assert min(chooser_z) > 0.5
 
 
 def test_unit_gradient_flattens_every_parameter():
@@ -91,12 +138,15 @@ def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, family, grid
         expected = evidence_scale(s._train.evidence)
         assert report["evidence_scale"] == pytest.approx(expected) == pytest.approx(1 - 4 / 16, abs=1e-4)
         assert rms_change(before, after) == pytest.approx(rho * expected, rel=0.05)
-        kept = (s._train.evidence.total.clone(), s._train.evidence.count)
+        kept = (s._train.evidence.total.clone(), s._train.evidence.count, s._train.evidence.sketches.clone())
+        assert len(kept[2]) == 2          # one sketch per click the session saw (the seeded three are not)
         s.close()
         s = Session.open(tmp_path / "s", model=f"tiny-{family}", pipeline=pipe)
         assert s._train.evidence.count == kept[1] and torch.equal(s._train.evidence.total, kept[0])
+        assert torch.equal(s._train.evidence.sketches, kept[2].half().float())
         s.undo()
         assert s._train.evidence.count == 1 and torch.allclose(s._train.evidence.total, u)
+        assert torch.equal(s._train.evidence.sketches, kept[2][:1].half().float())
         # a rolled-back update leaves the evidence as it was
         import d3po_studio.core.trust_region as trust_region
 
@@ -106,6 +156,7 @@ def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, family, grid
             with pytest.raises(Exception, match="rolled back"):
                 s.prefer(s.sample("a red circle", n=2, seed=5), best=0)
         assert s._train.evidence.count == 1 and torch.allclose(s._train.evidence.total, u)
+        assert len(s._train.evidence.sketches) == 1
     finally:
         s.close()
 
@@ -133,6 +184,7 @@ def test_a_stored_session_keeps_the_update_it_was_trained_with():
     old = {k: v for k, v in Settings().to_dict().items() if k not in ADDED_LATER}
     assert Settings.stored(old).step_evidence is False and Settings.stored(old).logprob_grid == 0
     assert Settings.stored(old).drift_budget is None and Settings().drift_budget is not None
+    assert Settings.stored(old).evidence_z == 0.0
     assert Settings.stored(Settings().to_dict()) == Settings()
 
 
@@ -151,3 +203,24 @@ def test_the_default_update_moves_the_lora_without_optimizer_states(tmp_path, ti
         assert report["evidence_scale"] > 0 and "drift_rms" in report
         assert not all(torch.equal(p, q) for p, q in zip(s.params, start))
         assert not s.optimizer.state
+
+
+def test_evidence_z_in_a_session_raises_the_threshold_by_the_clicks_null_spread(tmp_path, tiny_sd1):
+    """The same clicks (three different batches, then one more) in two sessions: with z = 1 the
+    factor is 1 − (k + √V)/|Σu|², √V from the session's own sketches, and never above z = 0's."""
+    from d3po_studio import Session
+    from d3po_studio.core.trust_region import null_sd
+    scales = {}
+    for z in (0.0, 1.0):
+        with Session.open(tmp_path / f"z{z}", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
+                          optimizer="adamw", evidence_z=z) as s:
+            for seed in (0, 1, 0, 0):
+                report = s.prefer(s.sample("a red circle", n=2, seed=seed), best=1)
+            e = s._train.evidence
+            assert len(e.sketches) == e.count == 4
+            assert report["evidence_null_sd"] == pytest.approx(null_sd(e) / 4) and null_sd(e) > 0
+            power = report["evidence_power"] * 4
+            scales[z] = report["evidence_scale"]
+            if z:
+                assert scales[z] == pytest.approx(max(0.0, 1 - (4 + null_sd(e)) / power), abs=1e-6)
+    assert scales[1.0] <= scales[0.0]

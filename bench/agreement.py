@@ -1,0 +1,104 @@
+"""How far do a session's clicks agree beyond chance? ``step_evidence``'s statistics, per cell.
+
+    python -m d3po_studio.bench.agreement --workdir runs/b11 --variants default z05 x0
+
+Each click of a ``bench/learning.py`` cell records in its round.json (core/update.py) the clicks'
+agreement P = |Σu|²/k (u: the unit click gradients, k of them; random clicks give 1 on average)
+and the spread the same k gradients would give with their winners picked at random, sd = √V/k
+(V = 2·Σ_{i≠j}(u_i·u_j)², core/trust_region.py:null_sd). From them: z = (P − 1)/sd, how many null
+standard deviations the clicks' agreement stands above chance, and D = 2/sd², the number of
+independent directions the click gradients behave as if they had (the null of |Σu|²/k is then a
+χ²_D/D). Mean ± sd over a group's seeds at 10, 25 and 50 clicks. Writes the "learning_agreement"
+section of docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from .report import table, write_section
+
+AT = (10, 25, 50)
+
+
+def cell_statistics(cell: Path) -> dict[int, dict[str, float]]:
+    """``{click: {"power", "null_sd"}}`` from the cell's round reports (clicks that recorded them)."""
+    rounds = sorted((cell / "session" / "rounds").glob("*/round.json"))
+    found = {}
+    for click, path in enumerate(rounds, start=1):
+        report = json.loads(path.read_text()).get("report") or {}
+        if "evidence_power" in report and "evidence_null_sd" in report:
+            found[click] = {"power": report["evidence_power"], "null_sd": report["evidence_null_sd"]}
+    return found
+
+
+def z_score(power: float, null_sd: float) -> float:
+    return (power - 1.0) / null_sd if null_sd > 0 else 0.0
+
+
+def directions(null_sd: float) -> float:
+    return 2.0 / null_sd ** 2 if null_sd > 0 else float("inf")
+
+
+def _stat(values: list[float], fmt: str) -> str:
+    if not values:
+        return "—"
+    spread = statistics.stdev(values) if len(values) > 1 else None
+    return format(statistics.mean(values), fmt) + (f" ± {format(spread, fmt.lstrip('+'))}" if spread is not None else "")
+
+
+def rows(workdir: Path, variants: list[str], at=AT) -> list[list[str]]:
+    """One row per (variant, chooser, images per click) with cells in ``workdir``, at clicks ``at``."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for cell in sorted(p for p in workdir.iterdir() if p.is_dir() and p.name.count("__") == 3):
+        variant, chooser, n, _seed = cell.name.split("__")
+        if variant in variants:
+            stats = cell_statistics(cell)
+            if stats:
+                groups.setdefault((variant, chooser, n), []).append(stats)
+    out = []
+    for (variant, chooser, n), cells in sorted(groups.items(), key=lambda kv: (variants.index(kv[0][0]), kv[0][1:])):
+        row = [variant, chooser, "pairs" if n == "n2" else f"best of {n[1:]}", str(len(cells))]
+        for click in at:
+            here = [c[click] for c in cells if click in c]
+            row.append(f"{_stat([h['power'] for h in here], '.2f')} / {_stat([h['null_sd'] for h in here], '.2f')}"
+                       f" / {_stat([z_score(h['power'], h['null_sd']) for h in here], '+.1f')}"
+                       f" / {_stat([directions(h['null_sd']) for h in here], '.0f')}" if here else "—")
+        out.append(row)
+    return out
+
+
+def markdown(found: list[list[str]], command: str, at=AT) -> str:
+    headers = ["variant", "chooser", "mode", "seeds"] + [f"P / sd / z / D @{click}" for click in at]
+    return "\n".join([
+        "## How far the clicks agree beyond chance", "",
+        f"Command: `{command}`. From each click's round report (core/update.py): **P** = |Σu|²/k, the "
+        "agreement of the k unit click gradients so far (1 on average for random clicks); **sd** = the "
+        "spread of P had the same clicks' winners been picked at random (√V/k, V = 2·Σ_{i≠j}(u_i·u_j)²); "
+        "**z** = (P − 1)/sd; **D** = 2/sd², the number of independent directions the click gradients "
+        "behave as if they had. Mean ± sd over seeds.", "",
+        table(headers, found), ""])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="a folder of bench/learning.py cells (their session folders)")
+    p.add_argument("--variants", nargs="+", required=True, help="the variants to show, in this order")
+    p.add_argument("--docs", help="markdown file to write the section into (default docs/benchmarks.md)")
+    p.add_argument("--at", nargs="+", type=int, default=list(AT), help="the clicks to show (default 10 25 50)")
+    p.add_argument("--note", action="append", default=[], help="a paragraph added under the table")
+    a = p.parse_args(argv)
+    found = rows(Path(a.workdir), a.variants, a.at)
+    if not found:
+        raise SystemExit(f"no cell of {a.variants} in {a.workdir} recorded the evidence statistics")
+    command = f"python -m d3po_studio.bench.agreement --workdir {a.workdir} --variants {' '.join(a.variants)}"
+    text = markdown(found, command, a.at) + "".join(f"\n{n}\n" for n in a.note)
+    write_section("learning_agreement", text, **({"path": a.docs} if a.docs else {}))
+    print(text)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
