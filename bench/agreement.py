@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
+from .learning import _stat
 from .report import table, write_section
 
 AT = (10, 25, 50)
@@ -41,13 +41,6 @@ def z_score(power: float, null_sd: float) -> float:
 
 def directions(null_sd: float) -> float:
     return 2.0 / null_sd ** 2 if null_sd > 0 else float("inf")
-
-
-def _stat(values: list[float], fmt: str) -> str:
-    if not values:
-        return "—"
-    spread = statistics.stdev(values) if len(values) > 1 else None
-    return format(statistics.mean(values), fmt) + (f" ± {format(spread, fmt.lstrip('+'))}" if spread is not None else "")
 
 
 def rows(workdir: Path, variants: list[str], at=AT) -> list[list[str]]:

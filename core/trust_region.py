@@ -23,6 +23,7 @@ batches, and not at all after the step once it is already cut to nothing.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -250,6 +251,11 @@ class Evidence:
             tensors["sketches"] = self.sketches.half().contiguous()
         return tensors
 
+    def assign(self, other: "Evidence") -> None:
+        """Take every field of ``other`` (the evidence after a click that succeeded), in place."""
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(other, field.name))
+
     @classmethod
     def from_tensors(cls, t: dict[str, torch.Tensor]) -> "Evidence":
         count = int(t["count"][0])
@@ -293,13 +299,21 @@ def null_sd(evidence: Evidence) -> float:
     return (2.0 * pairs_sum * scale) ** 0.5
 
 
-def evidence_scale(evidence: Evidence, z: float = 0.0) -> float:
+def agreement(evidence: Evidence) -> tuple[float, float]:
+    """(|Σu|², √V): how far the clicks agree, and its spread had their winners been random."""
+    if evidence.total is None:
+        return 0.0, 0.0
+    return float(evidence.total.pow(2).sum()), null_sd(evidence)
+
+
+def evidence_scale(evidence: Evidence, z: float = 0.0, measured: tuple[float, float] | None = None) -> float:
     """James–Stein positive part max(0, 1 − (k + z·√V)/|Σu|²): 0 until the clicks agree more than
-    chance (z null standard deviations more; z = 0 is James–Stein's k)."""
+    chance (z null standard deviations more; z = 0 is James–Stein's k). ``measured``: the
+    evidence's ``agreement``, if already computed."""
     if evidence.total is None or evidence.count < 2:     # one click cannot agree with anything
         return 0.0
-    power = float(evidence.total.pow(2).sum())
-    threshold = evidence.count + (z * null_sd(evidence) if z else 0.0)
+    power, spread = measured if measured is not None else agreement(evidence)
+    threshold = evidence.count + z * spread
     return max(0.0, 1.0 - threshold / power) if power > 0 else 0.0
 
 

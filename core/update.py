@@ -131,7 +131,7 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     Returns ``(metrics, gradient norm)``.
     """
     from .objectives import get_objective
-    from .trust_region import (Evidence, TrustRegion, add_click, evidence_scale, evidence_step, null_sd,
+    from .trust_region import (Evidence, TrustRegion, add_click, agreement, evidence_scale, evidence_step,
                                unit_gradient)
     generator = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
     with offload_for_update(pipe, device):   # text encoders and VAE off the accelerator meanwhile
@@ -150,11 +150,11 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     seen = None
     if s.step_evidence:       # the step goes along the clicks' agreed direction, sized by the evidence
         seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params))
-        scale = evidence_scale(seen, s.evidence_z)
+        measured = agreement(seen)
+        scale = evidence_scale(seen, s.evidence_z, measured)
         metrics["evidence_scale"] = scale
-        if seen.total is not None and seen.count:      # the agreement and its null, for the study
-            metrics["evidence_power"] = float(seen.total.pow(2).sum()) / seen.count
-            metrics["evidence_null_sd"] = null_sd(seen) / seen.count
+        if seen.count:      # the agreement and its null per click, for the study (bench/agreement.py)
+            metrics["evidence_power"], metrics["evidence_null_sd"] = (v / seen.count for v in measured)
         # a click without evidence takes no step, so the earlier clicks' probes would go unused
         region = (TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors if scale > 0 else ())
                   if measured else None)
@@ -170,7 +170,7 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     if not all(torch.isfinite(p).all() for p in params):
         raise FloatingPointError("the optimizer step made the LoRA non-finite")
     if seen is not None and evidence is not None:
-        evidence.total, evidence.count, evidence.sketches = seen.total, seen.count, seen.sketches
+        evidence.assign(seen)
     return metrics, grad_norm
 
 
