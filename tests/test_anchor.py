@@ -128,7 +128,8 @@ def test_batched_anchor_probes_are_the_per_anchor_predictions(family):
     for anchor, got in zip(anchors, batched):
         alone = predictions(pipe, anchor.trajectory, anchor.steps, anchor.images, 3.0, "cpu")
         assert len(got) == len(alone) and all(g.shape == a.shape for g, a in zip(got, alone))
-        assert all(torch.allclose(g, a, atol=1e-5) for g, a in zip(got, alone))
+        # float32 sums in another order: up to 1.4e-5 apart on values of ~2 on some CPUs' kernels
+        assert all(torch.allclose(g, a, rtol=1e-5, atol=5e-5) for g, a in zip(got, alone))
     assert not torch.allclose(batched[0][1], batched[1][1], atol=1e-3)    # the prompts do differ
 
 
