@@ -17,7 +17,7 @@ from d3po_studio.core.embedded import WEIGHTS_DIR
 from d3po_studio.core.errors import ConfigError
 from d3po_studio.core.logprob import output_coefficient, step_coefficients, step_weight
 from d3po_studio.core.lora import add_lora
-from d3po_studio.core.sampling import sample_trajectory
+from d3po_studio.core.sampling import make_scheduler, sample_trajectory
 from d3po_studio.core.tiny import SCHEDULER, tiny_pipeline
 from d3po_studio.core.trust_region import predictions, probe_steps, rms_change
 from d3po_studio.core.update import accumulate_d3po_gradients
@@ -36,37 +36,74 @@ def _pipeline(family: str):
     return pipe, 16
 
 
-def _step_gradient_shares(pipe, size: int, weighting: str, steps: int = 10) -> list[float]:
-    """Share ‖g_k‖ / Σ_j ‖g_j‖ of the first click's D3PO gradient norm, per kept step k."""
-    pipe.set_progress_bar_config(disable=True)
-    params = add_lora(pipe.unet, 4, 4.0, ("to_q", "to_k", "to_v", "to_out.0"))
-    traj = sample_trajectory(pipe, "a red circle", "", 2, seed=3, steps=steps, guidance=3.0, eta=1.0,
-                             height=size, width=size, device="cpu")
-    squared = []
-    for k in range(steps):
-        for p in params:
-            p.grad = None
-        accumulate_d3po_gradients(pipe, traj, [(0, 1)], steps=[k], beta=1.0, guidance=3.0, eta=1.0,
-                                  reduction="sum", ratio_clip=None, device="cpu", weighting=weighting)
-        squared.append(sum(float((p.grad ** 2).sum()) for p in params if p.grad is not None))
-    norms = [s ** 0.5 for s in squared]
-    return [n / sum(norms) for n in norms]
+# Each family at its default step count: Settings().steps for the SD shapes, the embedded model's own.
+DEFAULT_STEPS = {"sd1": Settings().steps, "sd2v": Settings().steps, "sdxl": Settings().steps, "embedded": 10}
+_NORMS: dict[str, tuple] = {}
+
+
+def _step_gradient_norms(family: str) -> tuple[list[float], list[float], object]:
+    """‖g_k‖ of the first click's D3PO gradient with the official rule (w_k = 1), per kept step k,
+    with the step's timesteps and the pipeline's scheduler. At the first click the LoRA is zero, so
+    every step's log-ratio is 0 and its gradient is β·w_k·σ(0)·∇(Δ_w − Δ_l): a weighting scales each
+    step's norm by w_k (checked against the weighted gradient in the test below)."""
+    if family not in _NORMS:
+        pipe, size = _pipeline(family)
+        pipe.set_progress_bar_config(disable=True)
+        params = add_lora(pipe.unet, 4, 4.0, ("to_q", "to_k", "to_v", "to_out.0"))
+        steps = DEFAULT_STEPS[family]
+        traj = sample_trajectory(pipe, "a red circle", "", 2, seed=3, steps=steps, guidance=3.0, eta=1.0,
+                                 height=size, width=size, device="cpu")
+        norms = [_step_gradient_norm(pipe, params, traj, k, "none") for k in range(steps)]
+        _NORMS[family] = (norms, traj.timesteps.tolist(), pipe, params, traj)
+    return _NORMS[family]
+
+
+def _step_gradient_norm(pipe, params, traj, k: int, weighting: str) -> float:
+    for p in params:
+        p.grad = None
+    accumulate_d3po_gradients(pipe, traj, [(0, 1)], steps=[k], beta=1.0, guidance=3.0, eta=1.0,
+                              reduction="sum", ratio_clip=None, device="cpu", weighting=weighting)
+    return sum(float((p.grad ** 2).sum()) for p in params if p.grad is not None) ** 0.5
+
+
+def _step_gradient_shares(family: str, weighting: str) -> list[float]:
+    """Share ‖g_k‖ / Σ_j ‖g_j‖ of the first click's D3PO gradient norm under ``weighting``."""
+    norms, timesteps, pipe, _, _ = _step_gradient_norms(family)
+    scheduler = make_scheduler(pipe, len(timesteps))
+    weighted = [n * step_weight(scheduler, t, 1.0, weighting) for n, t in zip(norms, timesteps)]
+    return [n / sum(weighted) for n in weighted]
+
+
+def _needs(family):
+    if family == "embedded" and not HAS_EMBEDDED:
+        pytest.skip("the embedded model's weights are not in this checkout")
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2v", "sdxl", "embedded"])
 def test_no_single_step_carries_half_the_gradient(family):
-    if family == "embedded" and not HAS_EMBEDDED:
-        pytest.skip("the embedded model's weights are not in this checkout")
-    pipe, size = _pipeline(family)
-    shares = _step_gradient_shares(pipe, size, "noise")
-    assert max(shares) < 0.5, [round(s, 3) for s in shares]
+    """The default weighting (and "noise", the default until the tenth session) at the family's default step count."""
+    _needs(family)
+    for weighting in {Settings().step_weight, "noise"}:
+        shares = _step_gradient_shares(family, weighting)
+        assert max(shares) < 0.5, (weighting, [round(s, 3) for s in shares])
+
+
+@pytest.mark.parametrize("family", ["sd1", "embedded"])
+def test_a_weighting_scales_each_steps_gradient_by_its_weight(family):
+    """What the shares above rest on: the weighted first-click gradient of a step is w_k × the official one."""
+    _needs(family)
+    norms, timesteps, pipe, params, traj = _step_gradient_norms(family)
+    scheduler = make_scheduler(pipe, len(timesteps))
+    for k in (0, len(norms) // 2):
+        for weighting in ("noise", "x0"):
+            w = step_weight(scheduler, timesteps[k], 1.0, weighting)
+            assert _step_gradient_norm(pipe, params, traj, k, weighting) == pytest.approx(w * norms[k], rel=1e-4)
 
 
 @pytest.mark.skipif(not HAS_EMBEDDED, reason="the embedded model's weights are not in this checkout")
 def test_official_weighting_lets_the_last_step_dominate_the_embedded_model():
-    pipe, size = _pipeline("embedded")
-    shares = _step_gradient_shares(pipe, size, "none")
-    assert shares[-1] > 0.6, [round(s, 3) for s in shares]   # what the "noise" weighting removes
+    shares = _step_gradient_shares("embedded", "none")
+    assert shares[-1] > 0.6, [round(s, 3) for s in shares]   # what the "noise" and "x0" weightings remove
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
