@@ -31,14 +31,14 @@ class Settings:
     width: int | None = None        # image width in px; None = the model's native size
     # --- the update -----------------------------------------------------------
     objective: str = "d3po"         # "d3po" (per-step, on the trajectory) or "diffusion-dpo" (final images)
-    step_weight: str = "noise"      # D3PO per-step log-ratio scale: "noise" (σ²/c², docs/algorithm.md) or "none" (official)
+    step_weight: str = "x0"         # D3PO per-step log-ratio scale: "x0" (σ²/(|c|√ᾱ_prev)), "noise" (σ²/c²) or "none" (official); docs/algorithm.md
     logprob_pool: int = 1           # D3PO: score each step on r×r average-pooled latents (1 = the full step)
     logprob_grid: int = 1           # D3PO: score each step on its G×G block means, any latent size (0 = off; 1 = channel means)
     step_rms: float | None = 0.03   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
     drift_budget: float | None = 0.08  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
     anchor_clicks: int = 8          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
-    evidence_z: float = 0.0         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
+    evidence_z: float = 0.5         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
     beta: float = 0.3               # inverse temperature of the D3PO loss
     lr: float = 1e-2                # learning rate of the LoRA optimizer (the step's size is step_rms's when that is on)
     dpo_beta: float = 5000.0        # β of the diffusion-dpo objective (diffusers' example scale)
@@ -139,9 +139,12 @@ class Settings:
         return self.from_dict({**self.to_dict(), **changes})
 
 
-# Fields whose default changed the update when they were added: a session.json without them was
-# trained without them, and keeps training so when it is reopened.
-ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None, "anchor_clicks": 0}
+# Fields whose default changed the update when they were added (or later): a session.json without
+# them was trained without them, and keeps training so when it is reopened. step_weight and
+# evidence_z became "x0" and 0.5 in the tenth session; a session.json written since either existed
+# stores its own value.
+ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None, "anchor_clicks": 0,
+               "step_weight": "noise", "evidence_z": 0.0}
 # Settings that only change sampling, so a session may change them after its first update.
 SAMPLING_FIELDS = ("steps", "guidance", "eta", "height", "width")
 # Settings fixed once a LoRA exists (they define its shape or its optimizer).

@@ -54,7 +54,7 @@ def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[in
 
     Gradients accumulate in the LoRA parameters, scaled by ``weight / len(steps)`` so that the
     total is ``weight`` × the loss averaged over steps and pairs. ``weighting`` scales each step's
-    log-ratios (``core.logprob.step_weight``: "noise" or the official "none"), i.e. step k uses
+    log-ratios (``core.logprob.step_weight``: "x0", "noise" or the official "none"), i.e. step k uses
     β·w_k. ``pool`` > 1 scores the r×r-pooled steps (``ddim_step_with_logprob``). Returns averaged metrics.
     """
     unet = pipe.unet

@@ -115,12 +115,14 @@ def test_unit_gradient_flattens_every_parameter():
 
 @pytest.mark.parametrize("family, grid", [("sd1", 0), ("sdxl", 1)])
 def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, family, grid):
-    """On SD 1.x and SDXL shapes (the latter with channel-mean log-probs, logprob_grid=1)."""
+    """On SD 1.x and SDXL shapes (the latter with channel-mean log-probs, logprob_grid=1), with
+    James–Stein's threshold (evidence_z=0; the z > 0 threshold has its own tests below)."""
     from d3po_studio import Session
     from d3po_studio.core.tiny import tiny_pipeline
     rho, pipe = 0.01, tiny_pipeline(family)
     s = Session.open(tmp_path / "s", model=f"tiny-{family}", pipeline=pipe, steps=6, dtype="float32",
-                     optimizer="adamw", step_rms=rho, step_evidence=True, logprob_grid=grid, train_fraction=1.0)
+                     optimizer="adamw", step_rms=rho, step_evidence=True, logprob_grid=grid, train_fraction=1.0,
+                     evidence_z=0.0)
     try:
         lora = [p.detach().clone() for p in s.params]
         first = s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
@@ -162,10 +164,10 @@ def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, family, grid
 
 
 def test_evidence_without_a_trust_region_steps_lr_times_the_evidence(tmp_path, tiny_sd1):
-    """step_rms=None: the step along −Σu is lr × the factor RMS per LoRA weight."""
+    """step_rms=None: the step along −Σu is lr × the factor RMS per LoRA weight (James–Stein's factor, z = 0)."""
     from d3po_studio import Session
     with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
-                      optimizer="adamw", step_rms=None, step_evidence=True, lr=1e-3) as s:
+                      optimizer="adamw", step_rms=None, step_evidence=True, lr=1e-3, evidence_z=0.0) as s:
         batch = s.sample("a red circle", n=2, seed=0)
         start = [p.detach().clone() for p in s.params]
         assert s.prefer(batch, best=1)["evidence_scale"] == 0.0
@@ -179,12 +181,14 @@ def test_evidence_without_a_trust_region_steps_lr_times_the_evidence(tmp_path, t
 
 
 def test_a_stored_session_keeps_the_update_it_was_trained_with():
-    """A session.json written before logprob_grid and step_evidence existed reopens without them."""
+    """A session.json written before logprob_grid and step_evidence existed reopens without them, and
+    one written before the tenth session's defaults (step_weight, evidence_z) with what it had."""
     from d3po_studio.core.config import ADDED_LATER, Settings
     old = {k: v for k, v in Settings().to_dict().items() if k not in ADDED_LATER}
     assert Settings.stored(old).step_evidence is False and Settings.stored(old).logprob_grid == 0
     assert Settings.stored(old).drift_budget is None and Settings().drift_budget is not None
-    assert Settings.stored(old).evidence_z == 0.0
+    assert Settings.stored(old).evidence_z == 0.0 and Settings().evidence_z == 0.5
+    assert Settings.stored(old).step_weight == "noise" and Settings().step_weight == "x0"
     assert Settings.stored(Settings().to_dict()) == Settings()
 
 
@@ -195,6 +199,7 @@ def test_the_default_update_moves_the_lora_without_optimizer_states(tmp_path, ti
     from d3po_studio.core.config import Settings
     d = Settings()      # the defaults docs/settings.md states and the study chose
     assert (d.logprob_grid, d.step_evidence, d.step_rms, d.drift_budget) == (1, True, 0.03, 0.08)
+    assert (d.step_weight, d.evidence_z) == ("x0", 0.5)
     with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
                       optimizer="adamw") as s:
         start = [p.detach().clone() for p in s.params]

@@ -111,8 +111,11 @@ def test_extra_pairs_weigh_exactly_like_the_clicks_own(tiny_sd1):
     assert "extra_loss" in metrics
     moved = sum(float((a - b).abs().sum()) for a, b in zip(after[0], start))
     assert moved > 0
+    # The two runs add the same terms in another order. With step_weight="x0" the smallest gradients
+    # (3e-7 here, median 1e-3) are differences of far larger terms, and Adam's first step
+    # lr·g/(|g| + 1e-8) passes their float32 rounding on: 7.7e-5 of lr on one weight of 128, measured
     for a, b in zip(after[0], after[1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4 * s.lr)
 
 
 def test_session_trains_a_labelled_pair_once_the_gate_opens(tmp_path, tiny_sd1, monkeypatch):
