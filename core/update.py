@@ -150,11 +150,11 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     seen = None
     if s.step_evidence:       # the step goes along the clicks' agreed direction, sized by the evidence
         seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params))
-        measured = agreement(seen)
-        scale = evidence_scale(seen, s.evidence_z, measured)
+        agreed = agreement(seen)
+        scale = evidence_scale(seen, s.evidence_z, agreed)
         metrics["evidence_scale"] = scale
         if seen.count:      # the agreement and its null per click, for the study (bench/agreement.py)
-            metrics["evidence_power"], metrics["evidence_null_sd"] = (v / seen.count for v in measured)
+            metrics["evidence_power"], metrics["evidence_null_sd"] = (v / seen.count for v in agreed)
         # a click without evidence takes no step, so the earlier clicks' probes would go unused
         region = (TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors if scale > 0 else ())
                   if measured else None)

@@ -180,6 +180,17 @@ def test_evidence_without_a_trust_region_steps_lr_times_the_evidence(tmp_path, t
         assert torch.allclose(moved / moved.norm(), -u, atol=1e-5)
 
 
+def test_evidence_without_a_trust_region_or_anchor_runs_no_probes(tmp_path, tiny_sd1):
+    """step_rms=None and drift_budget=None: nothing is measured, so no trust region is built (the
+    evidence's own statistics must not be mistaken for a reason to measure)."""
+    from d3po_studio import Session
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
+                      optimizer="adamw", step_rms=None, drift_budget=None, step_evidence=True) as s:
+        for seed in (0, 0):
+            report = s.prefer(s.sample("a red circle", n=2, seed=seed), best=1)
+        assert "evidence_power" in report and "step_rms_raw" not in report and "step_scale" not in report
+
+
 def test_a_stored_session_keeps_the_update_it_was_trained_with():
     """A session.json written before logprob_grid and step_evidence existed reopens without them, and
     one written before the tenth session's defaults (step_weight, evidence_z) with what it had."""
