@@ -211,9 +211,10 @@ class TrustRegion:
 # How far |Σu|² strays above k by chance depends on how the clicks' gradients overlap: with signs
 # flipped at random (the null), |Σ s_i u_i|² has mean k and variance V = 2·Σ_{i≠j} (u_i·u_j)², large
 # when the gradients share few directions. ``Settings.evidence_z`` = z asks for k + z·√V instead of
-# k (default 0.5 since the tenth session: step_weight="x0" leaves the gradients fewer directions). V needs every pair's u_i·u_j, so each click keeps a count sketch of its unit gradient
-# (SKETCH numbers; the sketch's dot products are unbiased, with variance ≈ 1/SKETCH; 4 KB a click
-# in the checkpoint).
+# k (default 0.5 since the tenth session: step_weight="x0" leaves the gradients fewer directions).
+# V needs every pair's u_i·u_j, so each click keeps a count sketch of its unit gradient (SKETCH
+# numbers; the sketch's dot products are unbiased, with variance ≈ 1/SKETCH; 4 KB a click in the
+# checkpoint).
 
 SKETCH = 2048
 _HASHES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

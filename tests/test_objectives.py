@@ -13,7 +13,7 @@ from diffusers import DDIMScheduler
 
 from d3po_studio.core.config import Settings
 from d3po_studio.core.diffusion_dpo import diffusion_dpo_loss, noised
-from d3po_studio.core.embedded import WEIGHTS_DIR
+from d3po_studio.core.embedded import DEFAULTS as EMBEDDED_DEFAULTS, WEIGHTS_DIR
 from d3po_studio.core.errors import ConfigError
 from d3po_studio.core.logprob import output_coefficient, step_coefficients, step_weight
 from d3po_studio.core.lora import add_lora
@@ -37,13 +37,14 @@ def _pipeline(family: str):
 
 
 # Each family at its default step count: Settings().steps for the SD shapes, the embedded model's own.
-DEFAULT_STEPS = {"sd1": Settings().steps, "sd2v": Settings().steps, "sdxl": Settings().steps, "embedded": 10}
+DEFAULT_STEPS = {"sd1": Settings().steps, "sd2v": Settings().steps, "sdxl": Settings().steps,
+                 "embedded": EMBEDDED_DEFAULTS["steps"]}
 _NORMS: dict[str, tuple] = {}
 
 
-def _step_gradient_norms(family: str) -> tuple[list[float], list[float], object]:
-    """‖g_k‖ of the first click's D3PO gradient with the official rule (w_k = 1), per kept step k,
-    with the step's timesteps and the pipeline's scheduler. At the first click the LoRA is zero, so
+def _step_gradient_norms(family: str) -> tuple:
+    """(norms, timesteps, pipe, params, trajectory): ‖g_k‖ of the first click's D3PO gradient with
+    the official rule (w_k = 1) per kept step k, and what it was measured on. At the first click the LoRA is zero, so
     every step's log-ratio is 0 and its gradient is β·w_k·σ(0)·∇(Δ_w − Δ_l): a weighting scales each
     step's norm by w_k (checked against the weighted gradient in the test below)."""
     if family not in _NORMS:
