@@ -10,7 +10,14 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (the README's `-n 2`) each worker is one process on one core: one torch thread
+# each, and the same for the processes the tests start (they inherit OMP_NUM_THREADS). Tiny models
+# gain little from a second thread, and two workers of two threads on two cores run slower.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
