@@ -8,7 +8,14 @@ and the spread the same k gradients would give with their winners picked at rand
 (V = 2·Σ_{i≠j}(u_i·u_j)², core/trust_region.py:null_sd). From them: z = (P − 1)/sd, how many null
 standard deviations the clicks' agreement stands above chance, and D = 2/sd², the number of
 independent directions the click gradients behave as if they had (the null of |Σu|²/k is then a
-χ²_D/D). Mean ± sd over a group's seeds at 10, 25 and 50 clicks. Writes the "learning_agreement"
+χ²_D/D). Mean ± sd over a group's seeds at 10, 25 and 50 clicks.
+
+**pull**: whether a move of the model turns the next clicks against the direction it moved along.
+From the newest checkpoint's sketches of the unit gradients (core/trust_region.py:count_sketch),
+each click's u_n · S/|S| (S: the sum of the clicks before it), averaged over the clicks that came
+within PULL_AFTER clicks of a step (step_scale > 0) and over the others. Random clicks give 0 on
+average either way; the D3PO loss's own pull toward the reference (docs/algorithm.md, "What β
+does under evidence-sized steps") makes it negative after a step. Writes the "learning_agreement"
 section of docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -22,6 +29,7 @@ from .learning import _stat
 from .report import table, write_section
 
 AT = (10, 25, 50)
+PULL_AFTER = 3      # clicks after a step that count as "after a step"
 
 
 def cell_statistics(cell: Path) -> dict[int, dict[str, float]]:
@@ -33,6 +41,30 @@ def cell_statistics(cell: Path) -> dict[int, dict[str, float]]:
         if "evidence_power" in report and "evidence_null_sd" in report:
             found[click] = {"power": report["evidence_power"], "null_sd": report["evidence_null_sd"]}
     return found
+
+
+def cell_pull(cell: Path, after: int = PULL_AFTER) -> tuple[list[float], list[float]] | None:
+    """(u_n·Ŝ for the clicks within ``after`` clicks of a step, the same for the others), from the
+    newest checkpoint's sketches; None if the cell kept none or its clicks and sketches differ."""
+    from safetensors.torch import load_file
+    session = cell / "session"
+    try:
+        head = json.loads((session / "HEAD").read_text())["checkpoint"]
+        sketches = load_file(str(session / "checkpoints" / head / "evidence.safetensors"))["sketches"].float()
+    except (OSError, KeyError, ValueError):
+        return None
+    reports = [json.loads(p.read_text()).get("report") or {} for p in sorted((session / "rounds").glob("*/round.json"))]
+    steps = [r.get("step_scale", 0.0) or 0.0 for r in reports if "evidence_power" in r]
+    if len(steps) != len(sketches):
+        return None
+    near, far = [], []
+    total = sketches[0].clone()
+    for n in range(1, len(sketches)):
+        norm = float(total.norm())
+        if norm > 0:
+            (near if any(x > 0 for x in steps[max(0, n - after):n]) else far).append(float(sketches[n] @ total) / norm)
+        total += sketches[n]
+    return near, far
 
 
 def z_score(power: float, null_sd: float) -> float:
@@ -60,19 +92,34 @@ def rows(workdir: Path, variants: list[str], at=AT) -> list[list[str]]:
             row.append(f"{_stat([h['power'] for h in here], '.2f')} / {_stat([h['null_sd'] for h in here], '.2f')}"
                        f" / {_stat([z_score(h['power'], h['null_sd']) for h in here], '+.1f')}"
                        f" / {_stat([directions(h['null_sd']) for h in here], '.0f')}" if here else "—")
+        pulls = [p for p in (cell_pull(workdir / f"{variant}__{chooser}__{n}__{seed}") for seed in
+                             sorted({c.name.split("__")[3] for c in workdir.iterdir()
+                                     if c.name.startswith(f"{variant}__{chooser}__{n}__") and c.is_dir()})) if p]
+        near = [v for p in pulls for v in p[0]]
+        far = [v for p in pulls for v in p[1]]
+        row.append(f"{_mean(near)} ({len(near)}) / {_mean(far)} ({len(far)})" if pulls else "—")
         out.append(row)
     return out
 
 
+def _mean(values: list[float]) -> str:
+    return f"{sum(values) / len(values):+.3f}" if values else "—"
+
+
 def markdown(found: list[list[str]], command: str, at=AT) -> str:
-    headers = ["variant", "chooser", "mode", "seeds"] + [f"P / sd / z / D @{click}" for click in at]
+    headers = (["variant", "chooser", "mode", "seeds"] + [f"P / sd / z / D @{click}" for click in at]
+               + [f"pull: u·Ŝ within {PULL_AFTER} clicks of a step (clicks) / otherwise (clicks)"])
     return "\n".join([
         "## How far the clicks agree beyond chance", "",
         f"Command: `{command}`. From each click's round report (core/update.py): **P** = |Σu|²/k, the "
         "agreement of the k unit click gradients so far (1 on average for random clicks); **sd** = the "
         "spread of P had the same clicks' winners been picked at random (√V/k, V = 2·Σ_{i≠j}(u_i·u_j)²); "
         "**z** = (P − 1)/sd; **D** = 2/sd², the number of independent directions the click gradients "
-        "behave as if they had. Mean ± sd over seeds.", "",
+        "behave as if they had. Mean ± sd over seeds. **pull**: each click's unit gradient projected on the "
+        "sum of the ones before it (from the sketches of the cell's newest checkpoint; cells run on "
+        "a lent GPU kept none), averaged over the clicks that came within "
+        f"{PULL_AFTER} clicks of a step and over the others, all seeds together: random clicks give 0 "
+        "either way, and the D3PO loss's pull toward the reference makes it negative after a step.", "",
         table(headers, found), ""])
 
 

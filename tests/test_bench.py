@@ -246,3 +246,31 @@ def test_agreement_reads_each_clicks_evidence_statistics(tmp_path):
     assert f"/ {z:+.1f} /" in text
     round_json = next((tmp_path / "v__brighter__n2__s0" / "session" / "rounds").glob("*/round.json"))
     assert "evidence_power" in json.loads(round_json.read_text())["report"]
+
+
+def test_pull_projects_each_click_on_the_sum_before_it_split_by_recent_steps(tmp_path):
+    """cell_pull reads the newest checkpoint's sketches and each round's step_scale: a click within
+    PULL_AFTER clicks of a step counts as "after a step", and its value is u_n·S/|S| by hand."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from d3po_studio.bench import agreement
+    session = tmp_path / "v__random__n4__s0" / "session"
+    e1, e2 = torch.eye(4)[0], torch.eye(4)[1]
+    sketches = torch.stack([e1, e1, -e1, e2, e1, e2])
+    steps = [0.0, 0.5, 0.0, 0.0, 0.0, 0.0]          # a step at the second click only
+    (session / "checkpoints" / "000006").mkdir(parents=True)
+    save_file({"sketches": sketches.half()}, str(session / "checkpoints" / "000006" / "evidence.safetensors"))
+    (session / "HEAD").write_text(json.dumps({"checkpoint": "000006"}))
+    for i, step in enumerate(steps):
+        (session / "rounds" / f"{i:06d}").mkdir(parents=True)
+        report = {"evidence_power": 1.0, "evidence_null_sd": 0.1, "step_scale": step}
+        (session / "rounds" / f"{i:06d}" / "round.json").write_text(json.dumps({"report": report}))
+    near, far = agreement.cell_pull(session.parent)
+    # clicks 3-5 come within 3 clicks of the step: S = 2e1 → −1; S = e1 → 0; S = e1+e2 → 1/√2
+    assert near == pytest.approx([-1.0, 0.0, 2 ** -0.5], abs=1e-3)
+    # click 2 (S = e1: +1) and click 6 (its last 3 clicks took no step; S = 2e1+e2 → 1/√5)
+    assert far == pytest.approx([1.0, 5 ** -0.5], abs=1e-3)
+    row = agreement.rows(tmp_path, ["v"], at=(6,))[0]
+    assert row[-1] == f"{(-1 + 2 ** -0.5) / 3:+.3f} (3) / {(1 + 5 ** -0.5) / 2:+.3f} (2)"
