@@ -13,10 +13,10 @@ independent directions the click gradients behave as if they had (the null of |�
 **pull**: whether a move of the model turns the next clicks against the direction it moved along.
 From the newest checkpoint's sketches of the unit gradients (core/trust_region.py:count_sketch),
 each click's u_n · S/|S| (S: the sum of the clicks before it), averaged over the clicks that came
-within PULL_AFTER clicks of a step (step_scale > 0) and over the others. Random clicks give 0 on
-average either way; the D3PO loss's own pull toward the reference (docs/algorithm.md, "What β
-does under evidence-sized steps") makes it negative after a step. Writes the "learning_agreement"
-section of docs/benchmarks.md.
+within PULL_AFTER clicks of a step (step_scale > 0) and over the others. Clicks whose winners are
+independent of the model's moves would give 0 on average either way; the D3PO loss's own pull
+toward the reference (docs/algorithm.md, "What β does once steps are evidence-sized") makes it
+negative after a step. Writes the "learning_agreement" section of docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..core.errors import SessionError
+from ..core.storage import SessionFolder
 from .learning import _stat
 from .report import table, write_section
 
@@ -32,28 +34,37 @@ AT = (10, 25, 50)
 PULL_AFTER = 3      # clicks after a step that count as "after a step"
 
 
-def cell_statistics(cell: Path) -> dict[int, dict[str, float]]:
-    """``{click: {"power", "null_sd"}}`` from the cell's round reports (clicks that recorded them)."""
+def round_reports(cell: Path) -> list[dict]:
+    """The report of each of the cell's rounds, in click order ({} for a round without one)."""
     rounds = sorted((cell / "session" / "rounds").glob("*/round.json"))
+    return [json.loads(path.read_text()).get("report") or {} for path in rounds]
+
+
+def cell_statistics(cell: Path, reports: list[dict] | None = None) -> dict[int, dict[str, float]]:
+    """``{click: {"power", "null_sd"}}`` from the cell's round reports (clicks that recorded them);
+    ``reports``: its ``round_reports``, if already read."""
     found = {}
-    for click, path in enumerate(rounds, start=1):
-        report = json.loads(path.read_text()).get("report") or {}
+    for click, report in enumerate(reports if reports is not None else round_reports(cell), start=1):
         if "evidence_power" in report and "evidence_null_sd" in report:
             found[click] = {"power": report["evidence_power"], "null_sd": report["evidence_null_sd"]}
     return found
 
 
-def cell_pull(cell: Path, after: int = PULL_AFTER) -> tuple[list[float], list[float]] | None:
+def cell_pull(cell: Path, after: int = PULL_AFTER,
+              reports: list[dict] | None = None) -> tuple[list[float], list[float]] | None:
     """(u_n·Ŝ for the clicks within ``after`` clicks of a step, the same for the others), from the
-    newest checkpoint's sketches; None if the cell kept none or its clicks and sketches differ."""
-    from safetensors.torch import load_file
-    session = cell / "session"
+    newest checkpoint's sketches; None if the cell kept none or its clicks and sketches differ.
+    ``reports``: its ``round_reports``, if already read."""
+    folder = SessionFolder(cell / "session")
     try:
-        head = json.loads((session / "HEAD").read_text())["checkpoint"]
-        sketches = load_file(str(session / "checkpoints" / head / "evidence.safetensors"))["sketches"].float()
-    except (OSError, KeyError, ValueError):
+        head = folder.head()
+        evidence = folder.read_evidence(head) if head is not None else None
+    except SessionError:
         return None
-    reports = [json.loads(p.read_text()).get("report") or {} for p in sorted((session / "rounds").glob("*/round.json"))]
+    if evidence is None or "sketches" not in evidence:
+        return None
+    sketches = evidence["sketches"].float()
+    reports = reports if reports is not None else round_reports(cell)
     steps = [r.get("step_scale", 0.0) or 0.0 for r in reports if "evidence_power" in r]
     if len(steps) != len(sketches):
         return None
@@ -78,12 +89,17 @@ def directions(null_sd: float) -> float:
 def rows(workdir: Path, variants: list[str], at=AT) -> list[list[str]]:
     """One row per (variant, chooser, images per click) with cells in ``workdir``, at clicks ``at``."""
     groups: dict[tuple[str, str, str], list[dict]] = {}
+    pulls: dict[tuple[str, str, str], list[tuple[list[float], list[float]]]] = {}
     for cell in sorted(p for p in workdir.iterdir() if p.is_dir() and p.name.count("__") == 3):
         variant, chooser, n, _seed = cell.name.split("__")
         if variant in variants:
-            stats = cell_statistics(cell)
+            reports = round_reports(cell)
+            stats = cell_statistics(cell, reports)
             if stats:
                 groups.setdefault((variant, chooser, n), []).append(stats)
+                pull = cell_pull(cell, reports=reports)
+                if pull is not None:
+                    pulls.setdefault((variant, chooser, n), []).append(pull)
     out = []
     for (variant, chooser, n), cells in sorted(groups.items(), key=lambda kv: (variants.index(kv[0][0]), kv[0][1:])):
         row = [variant, chooser, "pairs" if n == "n2" else f"best of {n[1:]}", str(len(cells))]
@@ -92,12 +108,10 @@ def rows(workdir: Path, variants: list[str], at=AT) -> list[list[str]]:
             row.append(f"{_stat([h['power'] for h in here], '.2f')} / {_stat([h['null_sd'] for h in here], '.2f')}"
                        f" / {_stat([z_score(h['power'], h['null_sd']) for h in here], '+.1f')}"
                        f" / {_stat([directions(h['null_sd']) for h in here], '.0f')}" if here else "—")
-        pulls = [p for p in (cell_pull(workdir / f"{variant}__{chooser}__{n}__{seed}") for seed in
-                             sorted({c.name.split("__")[3] for c in workdir.iterdir()
-                                     if c.name.startswith(f"{variant}__{chooser}__{n}__") and c.is_dir()})) if p]
-        near = [v for p in pulls for v in p[0]]
-        far = [v for p in pulls for v in p[1]]
-        row.append(f"{_mean(near)} ({len(near)}) / {_mean(far)} ({len(far)})" if pulls else "—")
+        found = pulls.get((variant, chooser, n), [])
+        near = [v for p in found for v in p[0]]
+        far = [v for p in found for v in p[1]]
+        row.append(f"{_mean(near)} ({len(near)}) / {_mean(far)} ({len(far)})" if found else "—")
         out.append(row)
     return out
 
@@ -118,8 +132,8 @@ def markdown(found: list[list[str]], command: str, at=AT) -> str:
         "behave as if they had. Mean ± sd over seeds. **pull**: each click's unit gradient projected on the "
         "sum of the ones before it (from the sketches of the cell's newest checkpoint; cells run on "
         "a lent GPU kept none), averaged over the clicks that came within "
-        f"{PULL_AFTER} clicks of a step and over the others, all seeds together: random clicks give 0 "
-        "either way, and the D3PO loss's pull toward the reference makes it negative after a step.", "",
+        f"{PULL_AFTER} clicks of a step and over the others, all seeds together: clicks independent of the "
+        "model's moves would give 0 on average either way, and the D3PO loss's pull toward the reference makes it negative after a step.", "",
         table(headers, found), ""])
 
 

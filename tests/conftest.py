@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 # Under pytest-xdist (the README's `-n 2`) each worker is one process on one core: one torch thread
-# each, and the same for the processes the tests start (they inherit OMP_NUM_THREADS). Tiny models
-# gain little from a second thread, and two workers of two threads on two cores run slower.
+# each, and the same for the processes the tests start (they inherit OMP_NUM_THREADS), so that two
+# workers do not ask for four threads on two cores.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)

@@ -262,6 +262,7 @@ def test_pull_projects_each_click_on_the_sum_before_it_split_by_recent_steps(tmp
     steps = [0.0, 0.5, 0.0, 0.0, 0.0, 0.0]          # a step at the second click only
     (session / "checkpoints" / "000006").mkdir(parents=True)
     save_file({"sketches": sketches.half()}, str(session / "checkpoints" / "000006" / "evidence.safetensors"))
+    (session / "checkpoints" / "000006" / "meta.json").write_text(json.dumps({"updates": 6}))    # a whole checkpoint
     (session / "HEAD").write_text(json.dumps({"checkpoint": "000006"}))
     for i, step in enumerate(steps):
         (session / "rounds" / f"{i:06d}").mkdir(parents=True)
