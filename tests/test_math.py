@@ -99,6 +99,30 @@ def test_loss_is_stable_for_large_logits():
     assert loss.item() == pytest.approx(2e4)   # log(sigmoid(x)) would give inf here
 
 
+def test_loss_gradient_splits_into_the_choice_and_a_pull_the_choice_does_not_set():
+    """docs/algorithm.md ("What β does once steps are evidence-sized"): with M = Δ_w − Δ_l,
+    dL/dΔ_w = −β/2 + (β/2)·tanh(βM/2) exactly. The first part flips sign with the choice; the
+    second, as a gradient on the two images' log-ratios, is the same whichever image was picked."""
+    beta = 0.3
+    a = torch.tensor([4.0, -1.5, 0.2, 12.0])     # Δ of image A per pair (reference 0)
+    b = torch.tensor([1.0, 2.5, 0.2, -3.0])      # Δ of image B
+    grads = {}
+    for picked in ("A", "B"):
+        da, db = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        w, l = (da, db) if picked == "A" else (db, da)
+        loss, _ = d3po_loss(w, l, torch.zeros(4), torch.zeros(4), beta)
+        (loss * len(a)).backward()           # per-pair gradients (the loss is the mean over pairs)
+        grads[picked] = (da.grad, db.grad)
+    m = a - b                                     # M when A is picked
+    pull = beta / 2 * torch.tanh(beta * m / 2)   # on Δ_A; −pull on Δ_B
+    assert torch.allclose(grads["A"][0], -beta / 2 + pull, atol=1e-6)
+    assert torch.allclose(grads["B"][0], beta / 2 + pull, atol=1e-6)
+    for i in (0, 1):   # the part both choices share is the pull, the rest is ±β/2
+        shared = (grads["A"][i] + grads["B"][i]) / 2
+        assert torch.allclose(shared, pull if i == 0 else -pull, atol=1e-6)
+        assert torch.allclose((grads["A"][i] - grads["B"][i]).abs(), torch.full((4,), beta), atol=1e-6)
+
+
 def test_ratio_clip_zeroes_gradient_outside_trust_region():
     w = torch.tensor([1.0], requires_grad=True)   # ratio e^1 >> 1.1: clamped
     loss, _ = d3po_loss(w, torch.tensor([0.0]), torch.zeros(1), torch.zeros(1), beta=0.1, ratio_clip=0.1)
