@@ -39,7 +39,7 @@ class Settings:
     anchor_clicks: int = 8          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     evidence_z: float = 0.5         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
-    beta: float = 0.3               # inverse temperature of the D3PO loss
+    beta: float = 0.2               # inverse temperature of the D3PO loss: where its pull to the base balances the clicks (docs/settings.md)
     lr: float = 1e-2                # learning rate of the LoRA optimizer (the step's size is step_rms's when that is on)
     dpo_beta: float = 5000.0        # β of the diffusion-dpo objective (diffusers' example scale)
     dpo_timesteps: int = 4          # random timesteps per click for the diffusion-dpo objective
