@@ -99,8 +99,9 @@ class LoadSession:
                                        "set how far a click moves the model: the trust region and the "
                                        "clicks' agreement do (docs/settings.md)."),
                 io.Float.Input("beta", default=Settings().beta, min=1e-4, max=100.0, step=0.01,
-                               tooltip="Inverse temperature of the preference loss (the step's size is the "
-                                       "trust region's, docs/settings.md)."),
+                               tooltip="Inverse temperature of the preference loss. It sets how far the clicks can "
+                                       "pull the model from the base: lower steers further, higher (e.g. 0.3) keeps "
+                                       "the prompts' colours closer (docs/settings.md)."),
                 io.Int.Input("lora_rank", default=4, min=1, max=128,
                              tooltip="LoRA rank (fixed after the first update)."),
                 io.Combo.Input("dtype", options=list(DTYPES), default="auto",
