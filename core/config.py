@@ -19,6 +19,7 @@ ATTENTIONS = ("auto", "xformers", "sdpa")
 BACKWARDS = ("joint", "split")
 OBJECTIVES = ("d3po", "diffusion-dpo")
 STEP_WEIGHTS = ("noise", "x0", "none")
+GRADIENT_PARTS = ("whole", "choice")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Settings:
     anchor_clicks: int = 8          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     evidence_z: float = 0.5         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
+    gradient_part: str = "whole"    # "choice": train on only the part of a click's gradient its choice sets, not the pull to the base
     beta: float = 0.2               # inverse temperature of the D3PO loss: where its pull to the base balances the clicks (docs/settings.md)
     lr: float = 1e-2                # learning rate of the LoRA optimizer (the step's size is step_rms's when that is on)
     dpo_beta: float = 5000.0        # β of the diffusion-dpo objective (diffusers' example scale)
@@ -75,6 +77,8 @@ class Settings:
             _check(v is None or (v >= 8 and v % 8 == 0), name, v, "use a multiple of 8, or None")
         _check(self.objective in OBJECTIVES, "objective", self.objective, f"use one of {OBJECTIVES}")
         _check(self.step_weight in STEP_WEIGHTS, "step_weight", self.step_weight, f"use one of {STEP_WEIGHTS}")
+        _check(self.gradient_part in GRADIENT_PARTS, "gradient_part", self.gradient_part,
+               f"use one of {GRADIENT_PARTS}")
         _check(self.step_rms is None or self.step_rms > 0, "step_rms", self.step_rms,
                "use None (off) or a positive RMS change such as 0.02")
         _check(self.drift_budget is None or self.drift_budget > 0, "drift_budget", self.drift_budget,

@@ -15,20 +15,22 @@ paper. Pairs are ``(winner, loser)``, winner first, as everywhere.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from .loss import preference_loss
 from .lora import lora_disabled
 from .sampling import Trajectory, make_scheduler, predict_noise
 from .update import pair_slots
 
 
 def diffusion_dpo_loss(err_w: torch.Tensor, err_l: torch.Tensor, ref_err_w: torch.Tensor,
-                       ref_err_l: torch.Tensor, beta: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean Diffusion-DPO loss over pairs (inputs [P]: per-pair denoising errors) and metrics."""
+                       ref_err_l: torch.Tensor, beta: float,
+                       part: str = "whole") -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean Diffusion-DPO loss over pairs (inputs [P]: per-pair denoising errors) and metrics.
+    ``part``: which part of the gradient to keep (``core.loss.preference_loss``)."""
     model_diff = err_w - err_l
     ref_diff = ref_err_w - ref_err_l
     logits = -beta * (model_diff - ref_diff)
-    loss = -F.logsigmoid(logits).mean()
+    loss = preference_loss(logits, part)
     metrics = {"loss": loss.item(), "accuracy": (logits > 0).float().mean().item(),
                "error_winner": err_w.mean().item(), "error_loser": err_l.mean().item()}
     return loss, metrics
@@ -47,7 +49,7 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_prod: float, prediction_
 
 def accumulate_diffusion_dpo_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[int, int]], *,
                                        timesteps: int, beta: float, device, generator: torch.Generator,
-                                       progress=None, weight: float = 1.0) -> dict[str, float]:
+                                       progress=None, weight: float = 1.0, part: str = "whole") -> dict[str, float]:
     """Backward ``weight`` × the loss averaged over ``timesteps`` random timesteps, one timestep's
     graph at a time. Returns the metrics averaged over the timesteps."""
     unet = pipe.unet
@@ -65,7 +67,7 @@ def accumulate_diffusion_dpo_gradients(pipe, trajectory: Trajectory, pairs: list
         with torch.no_grad(), lora_disabled(unet):
             ref_err = _errors(predict_noise(unet, x_t, t, cond, 1.0), target)
         err = _errors(predict_noise(unet, x_t, t, cond, 1.0), target)
-        loss, metrics = diffusion_dpo_loss(err[w], err[l], ref_err[w], ref_err[l], beta)
+        loss, metrics = diffusion_dpo_loss(err[w], err[l], ref_err[w], ref_err[l], beta, part)
         (loss * (weight / timesteps)).backward()
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value / timesteps

@@ -16,6 +16,25 @@ import math
 import torch
 import torch.nn.functional as F
 
+PARTS = ("whole", "choice")
+
+
+def preference_loss(logits: torch.Tensor, part: str = "whole") -> torch.Tensor:
+    """Mean −log σ(logits) over pairs, the loss of every preference objective here.
+
+    Its gradient splits exactly (docs/algorithm.md): −½∇z, whose sign the choice sets (swap
+    winner and loser and z changes sign), plus ½·tanh(z/2)·∇z, the same whichever image was
+    picked — the pull back toward the reference. ``part="choice"`` keeps the value and only the
+    first part of the gradient (the gradient at z = 0); ``"whole"`` is the loss as written.
+    """
+    loss = -F.logsigmoid(logits).mean()
+    if part == "whole":
+        return loss
+    if part != "choice":
+        raise ValueError(f"part={part!r}: use one of {PARTS}")
+    choice = -0.5 * logits.mean()
+    return loss.detach() + (choice - choice.detach())
+
 
 def d3po_loss(
     logp_w: torch.Tensor,
@@ -24,11 +43,13 @@ def d3po_loss(
     ref_logp_l: torch.Tensor,
     beta: float,
     ratio_clip: float | None = None,
+    part: str = "whole",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean D3PO loss over pairs, and its metrics.
 
     All inputs have shape [P] (one entry per pair). ``ratio_clip`` = c reproduces the official
     code's clamp of π_θ/π_ref to [1−c, 1+c] (which zeroes the gradient outside it); None is off.
+    ``part``: which part of the gradient to keep (``preference_loss``).
     """
     delta_w = logp_w - ref_logp_w
     delta_l = logp_l - ref_logp_l
@@ -37,7 +58,7 @@ def d3po_loss(
         delta_w = delta_w.clamp(lo, hi)
         delta_l = delta_l.clamp(lo, hi)
     logits = beta * (delta_w - delta_l)
-    loss = -F.logsigmoid(logits).mean()
+    loss = preference_loss(logits, part)
     metrics = {
         "loss": loss.item(),
         "accuracy": (logits > 0).float().mean().item(),

@@ -28,7 +28,7 @@ def d3po(pipe, trajectory, pairs, s, *, device, generator, progress=None, weight
     return gradient_function(s.backward)(
         pipe, trajectory, pairs, steps=steps, beta=s.beta,
         guidance=s.guidance if s.guidance_in_update else 1.0, eta=s.eta, reduction=s.reduction,
-        ratio_clip=s.ratio_clip, device=device, progress=progress, weighting=s.step_weight, weight=weight,
+        ratio_clip=s.ratio_clip, device=device, progress=progress, weighting=s.step_weight, weight=weight, part=s.gradient_part,
         pool=grid_pool(*trajectory.latents.shape[-2:], s.logprob_grid) if s.logprob_grid else s.logprob_pool)
 
 
@@ -37,7 +37,7 @@ def diffusion_dpo(pipe, trajectory, pairs, s, *, device, generator, progress=Non
     """Diffusion-DPO (Wallace et al. 2023) on the final latents of the batch."""
     return accumulate_diffusion_dpo_gradients(pipe, trajectory, pairs, timesteps=s.dpo_timesteps,
                                               beta=s.dpo_beta, device=device, generator=generator,
-                                              progress=progress, weight=weight)
+                                              progress=progress, weight=weight, part=s.gradient_part)
 
 
 OBJECTIVES = {"d3po": d3po, "diffusion-dpo": diffusion_dpo}

@@ -32,7 +32,8 @@ def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tu
                                     steps: list[int], beta: float, guidance: float, eta: float,
                                     reduction: str, ratio_clip: float | None, device,
                                     weight: float = 1.0, progress=None,
-                                    weighting: str = "none", pool: int | tuple[int, int] = 1) -> dict[str, float]:
+                                    weighting: str = "none", pool: int | tuple[int, int] = 1,
+                                    part: str = "whole") -> dict[str, float]:
     """Backward the D3PO loss of every kept step in ``steps``, one image's graph at a time.
 
     Gradients accumulate in the LoRA parameters, scaled by ``weight / len(steps)`` (as in the
@@ -51,7 +52,7 @@ def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tu
             values = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
         # 2. coefficients ∂L/∂ℓ_j from the loss as a function of the log-prob values
         beta_k = beta * step_weight(scheduler, int(trajectory.timesteps[k]), eta, weighting)
-        coefficients, metrics = loss_coefficients(values, ref, w, l, beta_k, ratio_clip, weight / len(steps))
+        coefficients, metrics = loss_coefficients(values, ref, w, l, beta_k, ratio_clip, weight / len(steps), part)
         # 3. one image at a time: forward with a graph, backward of coefficient × log-prob
         for s, img in enumerate(images):
             if coefficients[s] != 0:
@@ -65,10 +66,10 @@ def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tu
 
 
 def loss_coefficients(values: torch.Tensor, ref: torch.Tensor, w: torch.Tensor, l: torch.Tensor,
-                      beta: float, ratio_clip: float | None, scale: float):
+                      beta: float, ratio_clip: float | None, scale: float, part: str = "whole"):
     """∂(scale · L)/∂ℓ_j for each image slot j, and the loss metrics, from log-prob values."""
     logp = values.detach().float().clone().requires_grad_(True)
-    loss, metrics = d3po_loss(logp[w], logp[l], ref[w].float(), ref[l].float(), beta, ratio_clip)
+    loss, metrics = d3po_loss(logp[w], logp[l], ref[w].float(), ref[l].float(), beta, ratio_clip, part)
     (grad,) = torch.autograd.grad(loss * scale, logp)
     return grad.tolist(), metrics
 

@@ -49,13 +49,14 @@ def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[in
                               steps: list[int], beta: float, guidance: float, eta: float,
                               reduction: str, ratio_clip: float | None, device,
                               weight: float = 1.0, progress=None, weighting: str = "none",
-                              pool: int | tuple[int, int] = 1) -> dict[str, float]:
+                              pool: int | tuple[int, int] = 1, part: str = "whole") -> dict[str, float]:
     """Backward the D3PO loss of every kept step in ``steps``, one step's graph at a time.
 
     Gradients accumulate in the LoRA parameters, scaled by ``weight / len(steps)`` so that the
     total is ``weight`` × the loss averaged over steps and pairs. ``weighting`` scales each step's
     log-ratios (``core.logprob.step_weight``: "x0", "noise" or the official "none"), i.e. step k uses
-    β·w_k. ``pool`` > 1 scores the r×r-pooled steps (``ddim_step_with_logprob``). Returns averaged metrics.
+    β·w_k. ``pool`` > 1 scores the r×r-pooled steps (``ddim_step_with_logprob``). ``part``: the
+    whole gradient or the choice's part of it (``core.loss.preference_loss``). Returns averaged metrics.
     """
     unet = pipe.unet
     scheduler = make_scheduler(pipe, len(trajectory.timesteps))
@@ -70,7 +71,7 @@ def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[in
         logp = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
         # 3. loss of this step, backward now (frees the graph before the next step)
         beta_k = beta * step_weight(scheduler, int(trajectory.timesteps[k]), eta, weighting)
-        loss, metrics = d3po_loss(logp[w], logp[l], ref[w], ref[l], beta_k, ratio_clip)
+        loss, metrics = d3po_loss(logp[w], logp[l], ref[w], ref[l], beta_k, ratio_clip, part)
         (loss * (weight / len(steps))).backward()
         for name, value in metrics.items():
             totals[name] = totals.get(name, 0.0) + value / len(steps)

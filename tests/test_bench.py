@@ -35,11 +35,12 @@ def _lora_gradients(pipe, fn, trajectory, pairs, **kw):
     return metrics, torch.cat([p.grad.flatten() for p in params])
 
 
-@pytest.mark.parametrize("pairs, guidance, ratio_clip", [
-    ([(1, 0)], 4.0, None),                  # one pair, CFG in the update
-    ([(0, 1), (0, 2), (1, 2)], 1.0, 0.1),   # a ranking (image 1 wins and loses), official clamp (active at step 0)
+@pytest.mark.parametrize("pairs, guidance, ratio_clip, part", [
+    ([(1, 0)], 4.0, None, "whole"),                  # one pair, CFG in the update
+    ([(0, 1), (0, 2), (1, 2)], 1.0, 0.1, "whole"),   # a ranking (image 1 wins and loses), official clamp (active at step 0)
+    ([(2, 0), (2, 1)], 4.0, None, "choice"),         # best of 3, the choice's part of the gradient only
 ])
-def test_split_gradients_equal_joint(tiny_sd1, pairs, guidance, ratio_clip):
+def test_split_gradients_equal_joint(tiny_sd1, pairs, guidance, ratio_clip, part):
     pipe = tiny_sd1
     params = add_lora(pipe.unet, 4, 4.0, ("to_q", "to_k", "to_v", "to_out.0"))
     pipe.unet.to(torch.float64)    # float64: the two must agree to rounding (in float32: ~1e-5 relative)
@@ -50,7 +51,7 @@ def test_split_gradients_equal_joint(tiny_sd1, pairs, guidance, ratio_clip):
     traj = sample_trajectory(pipe, "a red circle", "", 3, seed=3, steps=4, guidance=4.0, eta=1.0,
                              height=16, width=16)
     kw = dict(steps=[0, 3], beta=0.1, guidance=guidance, eta=1.0, reduction="sum",
-              ratio_clip=ratio_clip, device=torch.device("cpu"), weight=0.7)
+              ratio_clip=ratio_clip, device=torch.device("cpu"), weight=0.7, part=part)
     m_joint, g_joint = _lora_gradients(pipe, accumulate_d3po_gradients, traj, pairs, **kw)
     m_split, g_split = _lora_gradients(pipe, accumulate_d3po_gradients_split, traj, pairs, **kw)
     assert g_joint.norm() > 0

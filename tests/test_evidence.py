@@ -240,3 +240,31 @@ def test_evidence_z_in_a_session_raises_the_threshold_by_the_clicks_null_spread(
             if z:
                 assert scales[z] == pytest.approx(max(0.0, 1 - (4 + null_sd(e)) / power), abs=1e-6)
     assert scales[1.0] <= scales[0.0]
+
+
+@pytest.mark.parametrize("objective", ["d3po", "diffusion-dpo"])
+def test_a_clicks_choice_part_flips_with_the_choice_and_the_whole_gradient_does_not(tmp_path, tiny_sd1, objective):
+    """With the LoRA away from the base, picking the other image of the same batch turns the choice's
+    part of the click gradient exactly around (u → −u): the evidence then adds nothing the choice
+    did not set. The whole gradient keeps the pull, the same for both picks, so it does not.
+    (backward="split" computes the same gradients as the joint one: tests/test_bench.py.)"""
+    from d3po_studio import Session
+    from d3po_studio.core.objectives import get_objective
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
+                      optimizer="adamw", objective=objective) as s:
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():          # a LoRA that has moved: both its factors away from zero
+            for p in s.params:
+                p.add_(torch.randn(p.shape, generator=generator) * 0.3)
+        batch = s.sample("a red circle", n=2, seed=0)
+
+        def unit(part, pairs):
+            s.optimizer.zero_grad(set_to_none=True)
+            get_objective(objective)(s.pipe, batch.trajectory, pairs, s.settings.replace(gradient_part=part),
+                                     device=s.runtime.device, generator=torch.Generator().manual_seed(1))
+            return unit_gradient(s.params)
+
+        choice = unit("choice", [(0, 1)]) + unit("choice", [(1, 0)])
+        whole = unit("whole", [(0, 1)]) + unit("whole", [(1, 0)])
+        assert float(choice.norm()) < 1e-5
+        assert float(whole.norm()) > 1e-2        # the pull the two picks share

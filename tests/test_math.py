@@ -123,6 +123,36 @@ def test_loss_gradient_splits_into_the_choice_and_a_pull_the_choice_does_not_set
         assert torch.allclose((grads["A"][i] - grads["B"][i]).abs(), torch.full((4,), beta), atol=1e-6)
 
 
+def test_the_choice_part_keeps_the_loss_and_drops_the_pull():
+    """gradient_part="choice" (core.loss.preference_loss): the same loss value, and the gradient
+    −β/2 on the winner's Δ and +β/2 on the loser's whatever M is, so it flips exactly with the
+    choice; on Diffusion-DPO's loss it is −½ ∂z of its logits z = −β·[(eʷ−eˡ) − (eʷ_ref−eˡ_ref)]."""
+    beta = 0.3
+    a = torch.tensor([4.0, -1.5, 0.2, 12.0])
+    b = torch.tensor([1.0, 2.5, 0.2, -3.0])
+    grads = {}
+    for picked in ("A", "B"):
+        da, db = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        w, l = (da, db) if picked == "A" else (db, da)
+        loss, metrics = d3po_loss(w, l, torch.zeros(4), torch.zeros(4), beta, part="choice")
+        whole, _ = d3po_loss(w.detach(), l.detach(), torch.zeros(4), torch.zeros(4), beta)
+        assert loss.item() == pytest.approx(whole.item()) == pytest.approx(metrics["loss"])
+        (loss * len(a)).backward()
+        grads[picked] = (da.grad, db.grad)
+    assert torch.allclose(grads["A"][0], torch.full((4,), -beta / 2)) and torch.allclose(grads["A"][1], torch.full((4,), beta / 2))
+    assert torch.equal(grads["A"][0], -grads["B"][0]) and torch.equal(grads["A"][1], -grads["B"][1])
+
+    from d3po_studio.core.diffusion_dpo import diffusion_dpo_loss
+    e = torch.tensor([0.30, 0.10]).requires_grad_(True)        # the policy's errors of winner, loser
+    loss, _ = diffusion_dpo_loss(e[:1], e[1:], torch.tensor([0.2]), torch.tensor([0.25]), beta=50.0, part="choice")
+    whole, _ = diffusion_dpo_loss(e[:1].detach(), e[1:].detach(), torch.tensor([0.2]), torch.tensor([0.25]), beta=50.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(whole.item())
+    assert torch.allclose(e.grad, torch.tensor([25.0, -25.0]))     # −½ · (−50, +50)
+    with pytest.raises(ValueError, match="whole"):
+        d3po_loss(a, b, torch.zeros(4), torch.zeros(4), beta, part="pull")
+
+
 def test_ratio_clip_zeroes_gradient_outside_trust_region():
     w = torch.tensor([1.0], requires_grad=True)   # ratio e^1 >> 1.1: clamped
     loss, _ = d3po_loss(w, torch.tensor([0.0]), torch.zeros(1), torch.zeros(1), beta=0.1, ratio_clip=0.1)
