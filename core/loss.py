@@ -16,7 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-PARTS = ("whole", "choice")
+from .config import GRADIENT_PARTS
 
 
 def preference_loss(logits: torch.Tensor, part: str = "whole") -> torch.Tensor:
@@ -31,7 +31,7 @@ def preference_loss(logits: torch.Tensor, part: str = "whole") -> torch.Tensor:
     if part == "whole":
         return loss
     if part != "choice":
-        raise ValueError(f"part={part!r}: use one of {PARTS}")
+        raise ValueError(f"part={part!r}: use one of {GRADIENT_PARTS}")
     choice = -0.5 * logits.mean()
     return loss.detach() + (choice - choice.detach())
 

@@ -28,7 +28,8 @@ def d3po(pipe, trajectory, pairs, s, *, device, generator, progress=None, weight
     return gradient_function(s.backward)(
         pipe, trajectory, pairs, steps=steps, beta=s.beta,
         guidance=s.guidance if s.guidance_in_update else 1.0, eta=s.eta, reduction=s.reduction,
-        ratio_clip=s.ratio_clip, device=device, progress=progress, weighting=s.step_weight, weight=weight, part=s.gradient_part,
+        ratio_clip=s.ratio_clip, device=device, progress=progress, weighting=s.step_weight, weight=weight,
+        part=s.gradient_part,
         pool=grid_pool(*trajectory.latents.shape[-2:], s.logprob_grid) if s.logprob_grid else s.logprob_pool)
 
 
