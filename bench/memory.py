@@ -122,9 +122,13 @@ def measure(family: str, size: int, name: str, kept_steps: int = 2) -> dict:
     grad_norm = apply_gradients(params, optimizer, 1.0)
     optimizer_seconds = time.perf_counter() - t_opt
     step_seconds = [b - a for a, b in zip(marks, marks[1:])]
+    # The run's peak includes its setup. On the CPU both are VmHWM, which Linux (>= 6.2) computes
+    # from approximate per-CPU RSS counters: a later reading can come out a few hundred KB below an
+    # earlier one (seen: 200 KB), which would make the activations negative.
+    peak_bytes = max(peak_memory_bytes(device), setup_bytes)
     return {**dataclasses.asdict(v), "variant": name, "family": family, "size": size, "kept_steps": kept_steps,
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "peak_bytes": peak_memory_bytes(device), "setup_bytes": setup_bytes,
+            "peak_bytes": peak_bytes, "setup_bytes": setup_bytes,
             "seconds_per_step": _steady(step_seconds), "step_seconds": step_seconds,
             "optimizer_seconds": optimizer_seconds, "build_seconds": build_seconds,
             "loss": metrics["loss"], "grad_norm": grad_norm, "threads": torch.get_num_threads(),
