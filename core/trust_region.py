@@ -9,7 +9,9 @@ A learning rate means something different on every model (and Adam moves every L
 the RMS taken over the model's (guided) outputs f on the images of this click at a few of its
 own trajectory steps ("probes"). ρ (``Settings.step_rms``) is in units of the noise prediction,
 which has unit variance on every model, so one setting carries over from the embedded model to
-SD 1.5 and SDXL. Two extra forwards without a graph per probe; the update itself is unchanged.
+SD 1.5 and SDXL. A LoRA's change is bilinear in its factors, so s is corrected once more from
+the change measured at that first guess (``TrustRegion.rescale``): three extra forwards without
+a graph per probe; the update itself is unchanged.
 
 An anchor to the base (``Settings.drift_budget``): the same probes are also run with the LoRA off,
 and the step is cut so that the predictions end no further than the budget B from the base's,
@@ -131,6 +133,12 @@ def anchor_predictions(pipe, anchors: list[Anchor], guidance: float, device,
     return out
 
 
+def _move(params, start: list[torch.Tensor], delta: list[torch.Tensor], scale: float) -> None:
+    """Set the weights to start + scale·delta, in place."""
+    for p, p0, d in zip(params, start, delta):
+        p.copy_(p0 + scale * d)
+
+
 @dataclass
 class TrustRegion:
     """What is needed to rescale one optimizer step: the weights and predictions before it (and
@@ -165,31 +173,45 @@ class TrustRegion:
     @torch.no_grad()
     def rescale(self, pipe, params, target: float | None) -> dict[str, float]:
         """Rescale the step just taken so the predictions move by ``target`` RMS (None: keep its
-        size), cut at the anchor's budget; return metrics."""
+        size), cut at the anchor's budget; return metrics.
+
+        A LoRA's weight change B·A is bilinear in its factors, so the predictions are not linear in
+        the scale s: the first guess ρ/RMS(change at s = 1) misses by the second-order term, the
+        more so the fewer weights carry the step. One secant correction measures the change at
+        that guess and rescales once more (one probe forward per probe step, without a graph)."""
         after = predictions(pipe, self.trajectory, self.steps, self.images, self.guidance, self.device)
         raw = rms_change(self.outputs, after)
+        delta = [p.detach() - p0 for p, p0 in zip(params, self.weights)]
+        change = flat_difference(after, self.outputs)          # per unit of scale, linearised at s = 1
         if target is None:
             scale = 1.0
         else:
             scale = target / raw if raw > 0 else 0.0     # target 0 (no evidence yet): no step
         metrics = {"step_rms_raw": raw}
+        if target is not None and scale > 0 and scale != 1.0:
+            _move(params, self.weights, delta, scale)
+            guessed = predictions(pipe, self.trajectory, self.steps, self.images, self.guidance, self.device)
+            moved = rms_change(self.outputs, guessed)
+            metrics["step_rms_first"] = moved
+            if moved > 0:
+                change = flat_difference(guessed, self.outputs) / scale   # linearised where the step lands
+                scale *= target / moved
         if self.base is not None and scale > 0:
             drift = flat_difference(self.outputs, self.base)
-            change = flat_difference(after, self.outputs)
             metrics["drift_rms"] = float(drift.pow(2).mean()) ** 0.5
             anchored = anchored_scale(drift, change, scale, self.budget)
             if self.earlier:                      # every earlier winner stays in the ball too
                 drifts = [flat_difference(before, a.base) for a, before in zip(self.anchors, self.earlier)]
                 metrics["drift_rms_earlier"] = max(float(d.pow(2).mean()) ** 0.5 for d in drifts)
                 if anchored > 0:                  # (a step already cut to nothing needs no more probes)
-                    moved = anchor_predictions(pipe, list(self.anchors), self.guidance, self.device)
-                    for drift_a, after_a, before_a in zip(drifts, moved, self.earlier):
-                        anchored = min(anchored, anchored_scale(drift_a, flat_difference(after_a, before_a),
+                    _move(params, self.weights, delta, scale)      # linearised where the step lands
+                    moved_a = anchor_predictions(pipe, list(self.anchors), self.guidance, self.device)
+                    for drift_a, after_a, before_a in zip(drifts, moved_a, self.earlier):
+                        anchored = min(anchored, anchored_scale(drift_a, flat_difference(after_a, before_a) / scale,
                                                                 scale, self.budget))
             metrics["anchor_cut"] = 1.0 - anchored / scale
             scale = anchored
-        for p, p0 in zip(params, self.weights):
-            p.copy_(p0 + scale * (p - p0))
+        _move(params, self.weights, delta, scale)
         metrics["step_scale"] = scale
         return metrics
 

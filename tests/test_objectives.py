@@ -202,9 +202,9 @@ def test_one_click_moves_the_predictions_by_step_rms(tmp_path, family):
             after = predictions(s.pipe, batch.trajectory, steps, [0, 1], s.settings.guidance, "cpu")
             probes = probe_steps(6)
             moved = rms_change([before[k] for k in probes], [after[k] for k in probes])
-            # within 10%: the rescale is linear in the weights, the predictions are not quite (the
-            # default channel-mean direction measured 7% off on the SDXL shape, the full view < 5%)
-            assert moved == pytest.approx(rho, rel=0.1), (click, moved, report)
+            # within 5%: the first, linear guess missed by up to 19% (the self-attention LoRA on the
+            # SD1 shape: a LoRA's change is bilinear), the secant correction by at most 4.2%
+            assert moved == pytest.approx(rho, rel=0.05), (click, moved, report)
             # over every step of the trajectory, not only the probes: the same order of magnitude
             assert 0.3 * rho < rms_change(before, after) < 3 * rho
 
