@@ -35,13 +35,13 @@ class Settings:
     step_weight: str = "x0"         # D3PO per-step log-ratio scale: "x0" (σ²/(|c|√ᾱ_prev)), "noise" (σ²/c²) or "none" (official); docs/algorithm.md
     logprob_pool: int = 1           # D3PO: score each step on r×r average-pooled latents (1 = the full step)
     logprob_grid: int = 1           # D3PO: score each step on its G×G block means, any latent size (0 = off; 1 = channel means)
-    step_rms: float | None = 0.03   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
+    step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
     drift_budget: float | None = 0.08  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
     anchor_clicks: int = 8          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
-    evidence_z: float = 0.5         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
+    evidence_z: float = 2.0         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
     gradient_part: str = "whole"    # "choice": train on only the part of a click's gradient its choice sets, not the pull to the base
-    beta: float = 0.2               # inverse temperature of the D3PO loss: where its pull to the base balances the clicks (docs/settings.md)
+    beta: float = 0.1               # inverse temperature of the D3PO loss: where its pull to the base balances the clicks (docs/settings.md)
     lr: float = 1e-2                # learning rate of the LoRA optimizer (the step's size is step_rms's when that is on)
     dpo_beta: float = 5000.0        # β of the diffusion-dpo objective (diffusers' example scale)
     dpo_timesteps: int = 4          # random timesteps per click for the diffusion-dpo objective
@@ -56,7 +56,8 @@ class Settings:
     # --- the LoRA -----------------------------------------------------------
     lora_rank: int = 4              # LoRA rank r
     lora_alpha: float = 4.0         # LoRA alpha; the update is scaled by alpha / r
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # UNet module names
+    # UNet module names (suffixes): the self-attention projections; "to_q", ... also takes cross-attention's
+    lora_targets: tuple[str, ...] = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
     # --- runtime choices (each "auto" choice is logged once) -----------------
     dtype: str = "auto"             # frozen weights: auto = fp16 on CUDA/MPS, bf16 on a CPU that has it
     device: str = "auto"            # auto = cuda, then mps, then cpu
@@ -146,7 +147,8 @@ class Settings:
 # Fields whose default changed the update when they were added (or later): a session.json without
 # them was trained without them, and keeps training so when it is reopened. step_weight and
 # evidence_z became "x0" and 0.5 in the tenth session; a session.json written since either existed
-# stores its own value.
+# stores its own value. beta and lora_targets (changed in the fifteenth session, with evidence_z to 2)
+# have been stored in every session.json since the first, so they need no entry here.
 ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None, "anchor_clicks": 0,
                "step_weight": "noise", "evidence_z": 0.0}
 # Settings that only change sampling, so a session may change them after its first update.

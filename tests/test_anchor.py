@@ -46,7 +46,8 @@ def _drift(s, batch):
 
 @pytest.mark.parametrize("family, rho", [("sd1", 0.02), ("sdxl", 0.02), ("sd1", None)])
 def test_clicks_stop_at_the_budget(tmp_path, family, rho):
-    """With the trust region's steps of ρ, and (ρ None) with the optimizer's own steps."""
+    """With the trust region's steps of ρ, and (ρ None) with the optimizer's own steps, of lr 0.03
+    (the default 1e-2 moves the tiny SD1's self-attention LoRA by < 0.05 in five clicks)."""
     from d3po_studio import Session
     from d3po_studio.core.tiny import tiny_pipeline
     pipe, budget = tiny_pipeline(family), 0.05
@@ -54,7 +55,7 @@ def test_clicks_stop_at_the_budget(tmp_path, family, rho):
     for name, anchor in (("free", None), ("anchored", budget)):
         with Session.open(tmp_path / name, model=f"tiny-{family}", pipeline=pipe, steps=4, dtype="float32",
                           optimizer="adamw", step_rms=rho, drift_budget=anchor, train_fraction=1.0,
-                          step_evidence=False, logprob_grid=0) as s:
+                          step_evidence=False, logprob_grid=0, lr=1e-2 if rho else 3e-2) as s:
             reports = []
             for _ in range(5):            # the same noise and the same choice: one direction, 5 × ρ
                 batch = s.sample("a red circle", n=2, seed=0)
@@ -63,7 +64,7 @@ def test_clicks_stop_at_the_budget(tmp_path, family, rho):
     if anchor is not None:
         assert reports[0]["anchor_cut"] == 0.0 and reports[0]["drift_rms"] == pytest.approx(0.0, abs=1e-6)
         assert reports[-1]["anchor_cut"] > 0.5        # the last clicks were cut
-    assert drifts["free"] > 1.5 * budget               # without the anchor the clicks carry on
+    assert drifts["free"] > 1.5 * budget, drifts       # without the anchor the clicks carry on
     assert drifts["anchored"] == pytest.approx(budget, rel=0.15)
 
 
