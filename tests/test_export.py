@@ -64,8 +64,8 @@ def tiny_sdxl_pipeline():
         tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=DDIMScheduler(steps_offset=1, clip_sample=False))
 
 
-def add_random_lora(unet, alpha=ALPHA):
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, target_modules=TARGETS, init_lora_weights="gaussian"),
+def add_random_lora(unet, alpha=ALPHA, targets=TARGETS):
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=alpha, target_modules=list(targets), init_lora_weights="gaussian"),
                      adapter_name="d3po")
     torch.manual_seed(1)
     with torch.no_grad():
@@ -103,6 +103,30 @@ def test_reload_into_fresh_pipeline_matches(tmp_path, trained, fmt):
                        metadata=META)
     fresh = tiny_sd_pipeline()
     torch.testing.assert_close(unet_output(fresh.unet), base, rtol=0, atol=0)
+    fresh.load_lora_weights(str(path))
+    torch.testing.assert_close(unet_output(fresh.unet), lora_out, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("fmt", sorted(EXPORT_FORMATS))
+def test_the_default_self_attention_lora_reloads_with_every_key(tmp_path, fmt):
+    """The default LoRA sits on the self-attention projections only (attn1.*): its file holds
+    those keys and no others, and diffusers reloads it to the same outputs."""
+    from d3po_studio.core.config import Settings
+    targets = Settings().lora_targets
+    assert all(t.startswith("attn1.") for t in targets)
+    pipe = tiny_sd_pipeline()
+    base = unet_output(pipe.unet)
+    state = add_random_lora(pipe.unet, targets=targets)
+    lora_out = unet_output(pipe.unet)
+    assert (lora_out - base).abs().max() > 1e-2
+    path = export_lora(state, tmp_path / f"{fmt}.safetensors", fmt, rank=RANK, alpha=ALPHA, family="sd1",
+                       metadata=META)
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+    weights = [k for k in keys if k.endswith(".weight")]
+    assert weights and all("attn1" in k for k in weights), [k for k in weights if "attn1" not in k]
+    assert len(weights) == 2 * len([m for m in state if "lora_A" in m])     # every module's up and down
+    fresh = tiny_sd_pipeline()
     fresh.load_lora_weights(str(path))
     torch.testing.assert_close(unet_output(fresh.unet), lora_out, rtol=0, atol=ATOL)
 
