@@ -3,7 +3,7 @@ writes its rows (into a temporary markdown file, never docs/benchmarks.md)."""
 import pytest
 import torch
 
-from d3po_studio.bench import estimate, latency, memory, report
+from d3po_studio.bench import estimate, latency, memory, precision, report
 from d3po_studio.core.lora import add_lora
 from d3po_studio.core.sampling import sample_trajectory
 from d3po_studio.core.split import accumulate_d3po_gradients_split
@@ -97,6 +97,20 @@ def test_latency_writes_its_rows(tmp_path):
     report.write_section("latency", latency.markdown(result, "test"), doc)
     section = report.read_section("latency", doc)
     assert "click → next pair" in section and "update ÷ floor" in section
+
+
+def test_precision_sees_bfloat16s_rounding_floor_and_float32s_proportional_change(tmp_path):
+    # the trust region's probes in float32 move with the step; in bfloat16 a tiny move already
+    # changes the predictions by its rounding (the floor that docs/algorithm.md describes)
+    precision.main(["--model", "tiny", "--dtypes", "float32", "bfloat16", "--doc", str(tmp_path / "b.md")])
+    section = report.read_section("precision", tmp_path / "b.md")
+    rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [float(x) for x in line.strip("|").split("|")[2:]]
+            for line in section.splitlines() if line.startswith("| float32") or line.startswith("| bfloat16")}
+    f32, bf16 = rows[("float32", "guided (6)")], rows[("bfloat16", "guided (6)")]
+    for small, large in zip(f32[1:], f32[2:]):    # scales 1e-3 ... 1, each 10× the one before
+        assert 5 < large / small < 20             # (at 1e-4, float32's own rounding, ~1e-6 here)
+    assert bf16[0] > 100 * f32[0]                  # at s = 1e-4: rounding, not the move
+    assert bf16[0] > 0.1 * bf16[-2]                # and about the same as at 1000× the move
 
 
 def test_learning_control_row_marks_a_chooser_the_cell_did_not_score():

@@ -1,0 +1,121 @@
+"""How far a LoRA move changes the model's predictions in each weight dtype: the rounding floor
+that the trust region's probes measure (docs/algorithm.md, "The trust region").
+
+    OMP_NUM_THREADS=1 python -m d3po_studio.bench.precision          # embedded model, CPU: ~4 min
+    python -m d3po_studio.bench.precision --device cuda --dtypes float32 float16
+
+One trajectory is sampled in float32; then, per dtype, a LoRA with random weights is moved by
+s·d along one fixed random direction d, and the guided prediction (and the conditional one
+alone) at the trust region's probe steps is compared with the one at s = 0. In float32 the
+change grows in proportion to s; in fp16 and bf16 any move, however small, changes the
+predictions by a floor of rounding, which guidance multiplies. Writes the "precision" section
+of docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+
+import torch
+
+from . import report
+
+SCALES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+WEIGHT_STD = 0.05     # the random LoRA's weights and the direction's entries
+PROMPT = "a blue triangle"
+
+
+def lora_direction(params, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Random LoRA weights to start from, and one random direction to move them along."""
+    g = torch.Generator().manual_seed(seed)
+    start = [torch.randn(p.shape, generator=g) * WEIGHT_STD for p in params]
+    direction = [torch.randn(p.shape, generator=g) * WEIGHT_STD for p in params]
+    return start, direction
+
+
+@torch.no_grad()
+def measure(pipe, trajectory, guidance: float, scales=SCALES, seed: int = 1, device="cpu") -> list[dict]:
+    """Per scale s: the RMS change of the guided and of the conditional prediction at the probe
+    steps when the LoRA moves from its start by s·direction."""
+    from ..core.config import Settings
+    from ..core.lora import add_lora
+    from ..core.trust_region import predictions, probe_steps, rms_change
+
+    s = Settings()
+    params = add_lora(pipe.unet, s.lora_rank, s.lora_alpha, s.lora_targets)
+    start, direction = lora_direction(params, seed)
+    steps, images = probe_steps(len(trajectory.timesteps)), list(range(trajectory.latents.shape[1]))
+
+    def at(scale):
+        for p, p0, d in zip(params, start, direction):
+            p.copy_(p0 + scale * d)
+        return (predictions(pipe, trajectory, steps, images, guidance, device),
+                predictions(pipe, trajectory, steps, images, 1.0, device))
+
+    guided0, cond0 = at(0.0)
+    rows = []
+    for scale in scales:
+        guided, cond = at(scale)
+        rows.append({"scale": scale, "guided": rms_change(guided0, guided), "cond": rms_change(cond0, cond)})
+    return rows
+
+
+def markdown(results: dict[str, list[dict]], model: str, device: str, guidance: float, command: str) -> str:
+    scales = next(iter(results.values()))
+    headers = ["weights", "prediction"] + [f"s = {r['scale']:g}" for r in scales]
+    rows = []
+    for dtype, measured in results.items():
+        for key, label in (("guided", f"guided ({guidance:g})"), ("cond", "conditional")):
+            rows.append([dtype, label] + [f"{r[key]:.2g}" for r in measured])
+    return "\n".join([
+        "## Rounding floor of the predictions, per weight dtype",
+        "",
+        f"Command: `{command.strip()}` ({datetime.date.today()}, torch {torch.__version__}). "
+        f"Model: `{model}` on {device}; one trajectory of \"{PROMPT}\" (2 images, "
+        f"10 steps) sampled in float32; the default LoRA (rank 4, self-attention) with random weights "
+        f"(sd {WEIGHT_STD}) moved by s times one random direction (sd {WEIGHT_STD}); RMS change of the "
+        "prediction at the trust region's 3 probe steps against s = 0. In float32 the change grows with "
+        "s; a change that stays the same as s shrinks is rounding, which the trust region's correction "
+        "cannot tell from the step (docs/algorithm.md, \"The trust region\").",
+        "",
+        report.table(headers, rows),
+    ])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="embedded", help="embedded, tiny (smoke run) or a model path")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
+    p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--doc", default=str(report.DEFAULT_PATH))
+    p.add_argument("--no-docs", action="store_true")
+    args = p.parse_args(argv)
+    from ..core.loading import load_pipeline
+    from ..core.sampling import sample_trajectory
+    from ..core.tiny import tiny_pipeline
+
+    def load(dtype):
+        if args.model == "tiny":
+            return tiny_pipeline("sd1").to(args.device, dtype)
+        return load_pipeline(args.model, torch_dtype=dtype, device=args.device)
+
+    ref = load(torch.float32)
+    size = ref.vae_scale_factor * ref.unet.config.sample_size
+    trajectory = sample_trajectory(ref, PROMPT, "", 2, 5, steps=10, guidance=args.guidance, eta=1.0,
+                                   height=size, width=size, device=args.device)
+    results = {}
+    for name in args.dtypes:
+        results[name] = measure(load(getattr(torch, name)), trajectory, args.guidance, device=args.device)
+        print(name, ", ".join(f"s={r['scale']:g}: {r['guided']:.2g} / {r['cond']:.2g}" for r in results[name]),
+              flush=True)
+    text = markdown(results, args.model, args.device, args.guidance,
+                    "python -m d3po_studio.bench.precision " + " ".join(sys.argv[1:] if argv is None else argv))
+    if not args.no_docs:
+        report.write_section("precision", text, args.doc)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
