@@ -40,7 +40,7 @@ def measure(pipe, trajectory, guidance: float, scales=SCALES, seed: int = 1, dev
     steps when the LoRA moves from its start by s·direction."""
     from ..core.config import Settings
     from ..core.lora import add_lora
-    from ..core.trust_region import predictions, probe_steps, rms_change
+    from ..core.trust_region import move_weights, predictions, probe_steps, rms_change
 
     s = Settings()
     params = add_lora(pipe.unet, s.lora_rank, s.lora_alpha, s.lora_targets)
@@ -48,8 +48,7 @@ def measure(pipe, trajectory, guidance: float, scales=SCALES, seed: int = 1, dev
     steps, images = probe_steps(len(trajectory.timesteps)), list(range(trajectory.latents.shape[1]))
 
     def at(scale):
-        for p, p0, d in zip(params, start, direction):
-            p.copy_(p0 + scale * d)
+        move_weights(params, start, direction, scale)
         return (predictions(pipe, trajectory, steps, images, guidance, device),
                 predictions(pipe, trajectory, steps, images, 1.0, device))
 
@@ -107,7 +106,8 @@ def main(argv=None) -> None:
                                    height=size, width=size, device=args.device)
     results = {}
     for name in args.dtypes:
-        results[name] = measure(load(getattr(torch, name)), trajectory, args.guidance, device=args.device)
+        pipe = ref if name == "float32" else load(getattr(torch, name))     # ref is float32 already
+        results[name] = measure(pipe, trajectory, args.guidance, device=args.device)
         print(name, ", ".join(f"s={r['scale']:g}: {r['guided']:.2g} / {r['cond']:.2g}" for r in results[name]),
               flush=True)
     text = markdown(results, args.model, args.device, args.guidance,

@@ -133,7 +133,7 @@ def anchor_predictions(pipe, anchors: list[Anchor], guidance: float, device,
     return out
 
 
-def _move(params, start: list[torch.Tensor], delta: list[torch.Tensor], scale: float) -> None:
+def move_weights(params, start: list[torch.Tensor], delta: list[torch.Tensor], scale: float) -> None:
     """Set the weights to start + scale·delta, in place."""
     for p, p0, d in zip(params, start, delta):
         p.copy_(p0 + scale * d)
@@ -189,7 +189,7 @@ class TrustRegion:
             scale = target / raw if raw > 0 else 0.0     # target 0 (no evidence yet): no step
         metrics = {"step_rms_raw": raw}
         if target is not None and scale > 0 and scale != 1.0:
-            _move(params, self.weights, delta, scale)
+            move_weights(params, self.weights, delta, scale)
             guessed = predictions(pipe, self.trajectory, self.steps, self.images, self.guidance, self.device)
             moved = rms_change(self.outputs, guessed)
             metrics["step_rms_first"] = moved
@@ -204,14 +204,14 @@ class TrustRegion:
                 drifts = [flat_difference(before, a.base) for a, before in zip(self.anchors, self.earlier)]
                 metrics["drift_rms_earlier"] = max(float(d.pow(2).mean()) ** 0.5 for d in drifts)
                 if anchored > 0:                  # (a step already cut to nothing needs no more probes)
-                    _move(params, self.weights, delta, scale)      # linearised where the step lands
+                    move_weights(params, self.weights, delta, scale)      # linearised where the step lands
                     moved_a = anchor_predictions(pipe, list(self.anchors), self.guidance, self.device)
                     for drift_a, after_a, before_a in zip(drifts, moved_a, self.earlier):
                         anchored = min(anchored, anchored_scale(drift_a, flat_difference(after_a, before_a) / scale,
                                                                 scale, self.budget))
             metrics["anchor_cut"] = 1.0 - anchored / scale
             scale = anchored
-        _move(params, self.weights, delta, scale)
+        move_weights(params, self.weights, delta, scale)
         metrics["step_scale"] = scale
         return metrics
 
