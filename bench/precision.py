@@ -8,8 +8,11 @@ One trajectory is sampled in float32; then, per dtype, a LoRA with random weight
 s·d along one fixed random direction d, and the guided prediction (and the conditional one
 alone) at the trust region's probe steps is compared with the one at s = 0. In float32 the
 change grows in proportion to s; in fp16 and bf16 any move, however small, changes the
-predictions by a floor of rounding, which guidance multiplies. Writes the "precision" section
-of docs/benchmarks.md.
+predictions by a floor of rounding, which guidance multiplies. With ``--clicks K`` it also runs
+K clicks of a session per dtype (Adam's step, trust region ρ = ``--rho``, no anchor) and
+measures each click's true change, the same LoRA weights on the float32 model, against ρ: how
+close the trust region lands where rounding hides the step. Writes the "precision" section of
+docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -60,7 +63,42 @@ def measure(pipe, trajectory, guidance: float, scales=SCALES, seed: int = 1, dev
     return rows
 
 
-def markdown(results: dict[str, list[dict]], model: str, device: str, guidance: float, command: str) -> str:
+def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu") -> list[float]:
+    """Per click of a session on ``pipe`` (weights in ``dtype``): the true RMS change of the guided
+    predictions at the trust region's probes (the session's LoRA before and after the click, moved
+    into ``ref``, a float32 copy of the model with its own LoRA), divided by ρ."""
+    import tempfile
+
+    from ..core.config import Settings
+    from ..core.lora import add_lora
+    from ..core.session import Session
+    from ..core.trust_region import move_weights, predictions, probe_steps, rms_change
+
+    d = Settings()
+    ref_lora = add_lora(ref.unet, d.lora_rank, d.lora_alpha, d.lora_targets)
+    ratios = []
+    with tempfile.TemporaryDirectory() as folder, \
+            Session.open(folder, model="bench", pipeline=pipe, dtype=dtype, device=device, optimizer="adamw",
+                         step_rms=rho, step_evidence=False, drift_budget=None) as s:
+        steps = probe_steps(s.settings.steps)
+
+        @torch.no_grad()
+        def true_predictions(weights, trajectory):
+            move_weights(ref_lora, weights, weights, 0.0)
+            return predictions(ref, trajectory, steps, [0, 1], s.settings.guidance, device)
+
+        for click in range(clicks):
+            batch = s.sample(PROMPT, n=2, seed=click)
+            before = [p.detach().float().clone() for p in s.params]
+            s.prefer(batch, best=click % 2)
+            after = [p.detach().float().clone() for p in s.params]
+            ratios.append(rms_change(true_predictions(before, batch.trajectory),
+                                     true_predictions(after, batch.trajectory)) / rho)
+    return ratios
+
+
+def markdown(results: dict[str, list[dict]], model: str, device: str, guidance: float, command: str,
+             landed: dict[str, list[float]] | None = None, rho: float | None = None) -> str:
     scales = next(iter(results.values()))
     headers = ["weights", "prediction"] + [f"s = {r['scale']:g}" for r in scales]
     rows = []
@@ -79,7 +117,16 @@ def markdown(results: dict[str, list[dict]], model: str, device: str, guidance: 
         "cannot tell from the step (docs/algorithm.md, \"The trust region\").",
         "",
         report.table(headers, rows),
-    ])
+    ] + ([] if not landed else [
+        "",
+        f"The trust region's landing: {len(next(iter(landed.values())))} clicks of a session per dtype "
+        f"(\"{PROMPT}\", Adam's step, `step_rms={rho:g}`, no anchor), each click's true change (its LoRA "
+        "before and after, on the float32 model) divided by ρ:",
+        "",
+        report.table(["weights", "true change ÷ ρ, per click", "median"],
+                     [[name, ", ".join(f"{r:.2f}" for r in ratios), f"{sorted(ratios)[len(ratios) // 2]:.2f}"]
+                      for name, ratios in landed.items()]),
+    ]))
 
 
 def main(argv=None) -> None:
@@ -88,6 +135,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
     p.add_argument("--guidance", type=float, default=6.0)
+    p.add_argument("--clicks", type=int, default=0, help="also measure the trust region's landing over this many clicks")
+    p.add_argument("--rho", type=float, default=0.003, help="the trust region's step_rms for --clicks")
     p.add_argument("--doc", default=str(report.DEFAULT_PATH))
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args(argv)
@@ -110,8 +159,14 @@ def main(argv=None) -> None:
         results[name] = measure(pipe, trajectory, args.guidance, device=args.device)
         print(name, ", ".join(f"s={r['scale']:g}: {r['guided']:.2g} / {r['cond']:.2g}" for r in results[name]),
               flush=True)
+    landed = {}
+    for name in args.dtypes if args.clicks else ():
+        landed[name] = landing(load(getattr(torch, name)), load(torch.float32), name, args.rho, args.clicks,
+                               device=args.device)
+        print(name, "landing", ", ".join(f"{r:.2f}" for r in landed[name]), flush=True)
     text = markdown(results, args.model, args.device, args.guidance,
-                    "python -m d3po_studio.bench.precision " + " ".join(sys.argv[1:] if argv is None else argv))
+                    "python -m d3po_studio.bench.precision " + " ".join(sys.argv[1:] if argv is None else argv),
+                    landed, args.rho)
     if not args.no_docs:
         report.write_section("precision", text, args.doc)
     print(text)

@@ -9,8 +9,9 @@ A learning rate means something different on every model (and Adam moves every L
 the RMS taken over the model's (guided) outputs f on the images of this click at a few of its
 own trajectory steps ("probes"). ρ (``Settings.step_rms``) is in units of the noise prediction,
 which has unit variance on every model, so one setting carries over from the embedded model to
-SD 1.5 and SDXL. A LoRA's change is bilinear in its factors, so s is corrected once more from
-the change measured at that first guess (``TrustRegion.rescale``): three extra forwards without
+SD 1.5 and SDXL. A LoRA's change is bilinear in its factors, so the change is measured at one
+more scale (the first guess, or where it clears the weights' rounding floor in fp16 and bf16)
+and s solves the quadratic through both (``TrustRegion.rescale``): three extra forwards without
 a graph per probe; the update itself is unchanged.
 
 An anchor to the base (``Settings.drift_budget``): the same probes are also run with the LoRA off,
@@ -62,6 +63,57 @@ def predictions(pipe, trajectory: Trajectory, steps: list[int], images: list[int
         x_t = trajectory.latents[k, images].to(device, torch.float32)
         out.append(predict_noise(pipe.unet, x_t, int(trajectory.timesteps[k]), cond, guidance).cpu())
     return out
+
+
+PROBE_MARGIN = 5.0   # the change at the trust region's probe scale is at least this many rounding floors
+
+
+def rounding_floor(dtype: torch.dtype, device, guidance: float) -> float:
+    """About how much any LoRA move changes the guided prediction by rounding alone, RMS: the
+    weights' machine epsilon times the guidance (bench/precision.py measured 0.0043–0.0053 in fp16
+    and 0.034–0.037 in bf16 at guidance 6 on the embedded model, 0.0061 on an H100 in fp16). float32
+    convolutions on CUDA run in TF32 (10 mantissa bits, as fp16) while cuDNN allows it."""
+    eps = torch.finfo(dtype).eps
+    if dtype == torch.float32 and torch.device(device).type == "cuda" and torch.backends.cudnn.allow_tf32:
+        eps = torch.finfo(torch.float16).eps
+    return eps * max(1.0, guidance)
+
+
+def quadratic_terms(first: tuple[float, torch.Tensor], second: tuple[float, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, v) such that s·u + s²·v passes through two measured (scale, change) points, at two
+    different nonzero scales: a LoRA step's change of the predictions to second order in its scale."""
+    (m1, d1), (m2, d2) = first, second
+    v = (d2 / m2 - d1 / m1) / (m2 - m1)
+    return d1 / m1 - m1 * v, v
+
+
+def quadratic_scale(u: torch.Tensor, v: torch.Tensor, target: float, hint: float) -> float:
+    """The smallest s > 0 with RMS(s·u + s²·v) = target (bisection; ``hint``: a scale of about the
+    right size to bracket from). If the model turns back before it reaches the target (v against
+    u), the linear scale target / RMS(u): beyond its turn the quadratic is no longer a step's change."""
+    a, c, r = (float(x) for x in (u.pow(2).mean(), (u * v).mean(), v.pow(2).mean()))
+    if target <= 0 or a <= 0:
+        return 0.0
+
+    def rms(s: float) -> float:
+        return max(s * s * a + 2 * s ** 3 * c + s ** 4 * r, 0.0) ** 0.5
+
+    # the first rising branch ends where d/ds of the mean square, 2s(a + 3cs + 2rs²), first turns 0
+    turn = 9 * c * c - 8 * a * r
+    if c >= 0 or turn < 0:
+        peak = math.inf
+    else:
+        peak = (-3 * c - turn ** 0.5) / (4 * r) if r > 0 else -a / (3 * c)
+    if peak < math.inf and rms(peak) < target:   # past its turn the quadratic is extrapolation
+        return target / a ** 0.5
+    lo, hi = 0.0, min(max(hint, target / a ** 0.5), peak)
+    while rms(hi) < target:              # grow the bracket until it holds the target
+        lo, hi = hi, min(hi * 2, peak)
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if rms(mid) < target else (lo, mid)
+    return (lo + hi) / 2
 
 
 def anchored_scale(drift: torch.Tensor, change: torch.Tensor, scale: float, budget: float) -> float:
@@ -170,6 +222,12 @@ class TrustRegion:
         return cls([p.detach().clone() for p in params], outputs, trajectory, steps, images, s.guidance, device,
                    base, s.drift_budget, anchors, earlier)
 
+    def _change(self, pipe, params, delta, scale: float) -> torch.Tensor:
+        """The change of the predictions at the probes with the step scaled by ``scale``, flat."""
+        move_weights(params, self.weights, delta, scale)
+        return flat_difference(predictions(pipe, self.trajectory, self.steps, self.images, self.guidance,
+                                           self.device), self.outputs)
+
     @torch.no_grad()
     def rescale(self, pipe, params, target: float | None) -> dict[str, float]:
         """Rescale the step just taken so the predictions move by ``target`` RMS (None: keep its
@@ -177,37 +235,49 @@ class TrustRegion:
 
         A LoRA's weight change B·A is bilinear in its factors, so the predictions are not linear in
         the scale s: the first guess ρ/RMS(change at s = 1) misses by the second-order term, the
-        more so the fewer weights carry the step. One secant correction measures the change at
-        that guess and rescales once more (one probe forward per probe step, without a graph)."""
+        more so the fewer weights carry the step. The change is therefore measured at one more
+        scale m and modelled as s·u + s²·v through both (``quadratic_terms``), and s solves it for
+        the target (``quadratic_scale``). m is the first guess, unless the change there would be
+        lost in the weights' rounding (fp16: ~0.006 RMS whatever the move): then m is where the
+        change is ``PROBE_MARGIN`` times that floor (``rounding_floor``). One probe forward per
+        probe step, without a graph; two (at ±m) when the proposal's own change at s = 1 is
+        below that margin too, so that neither measured point is rounding."""
         after = predictions(pipe, self.trajectory, self.steps, self.images, self.guidance, self.device)
         raw = rms_change(self.outputs, after)
         delta = [p.detach() - p0 for p, p0 in zip(params, self.weights)]
-        change = flat_difference(after, self.outputs)          # per unit of scale, linearised at s = 1
+        d1 = flat_difference(after, self.outputs)
+        u, v = d1, torch.zeros_like(d1)         # the change per s and per s², until measured twice
         if target is None:
             scale = 1.0
         else:
             scale = target / raw if raw > 0 else 0.0     # target 0 (no evidence yet): no step
         metrics = {"step_rms_raw": raw}
-        if target is not None and scale > 0 and scale != 1.0:
-            move_weights(params, self.weights, delta, scale)
-            guessed = predictions(pipe, self.trajectory, self.steps, self.images, self.guidance, self.device)
-            moved = rms_change(self.outputs, guessed)
-            metrics["step_rms_first"] = moved
-            if moved > 0:
-                change = flat_difference(guessed, self.outputs) / scale   # linearised where the step lands
-                scale *= target / moved
+        floor = rounding_floor(pipe.unet.dtype, self.device, self.guidance)
+        probe = max(scale, PROBE_MARGIN * floor / raw) if raw > 0 else scale
+        if target is not None and scale > 0 and raw < PROBE_MARGIN * floor:
+            # the proposal's own change is lost in rounding: measure on both sides of it, further out
+            dp, dn = (self._change(pipe, params, delta, m) for m in (probe, -probe))
+            metrics["step_probe"], metrics["step_rms_probe"] = probe, float(dp.pow(2).mean()) ** 0.5
+            u, v = quadratic_terms((probe, dp), (-probe, dn))
+            scale = quadratic_scale(u, v, target, probe)
+        elif target is not None and scale > 0 and abs(probe - 1.0) > 0.05:
+            dm = self._change(pipe, params, delta, probe)
+            metrics["step_probe"], metrics["step_rms_probe"] = probe, float(dm.pow(2).mean()) ** 0.5
+            u, v = quadratic_terms((1.0, d1), (probe, dm))
+            scale = quadratic_scale(u, v, target, probe)
+        probe_a = max(scale, PROBE_MARGIN * floor / raw) if raw > 0 else scale   # where the anchors are measured
         if self.base is not None and scale > 0:
             drift = flat_difference(self.outputs, self.base)
             metrics["drift_rms"] = float(drift.pow(2).mean()) ** 0.5
-            anchored = anchored_scale(drift, change, scale, self.budget)
+            anchored = anchored_scale(drift, u + scale * v, scale, self.budget)   # linearised where the step lands
             if self.earlier:                      # every earlier winner stays in the ball too
                 drifts = [flat_difference(before, a.base) for a, before in zip(self.anchors, self.earlier)]
                 metrics["drift_rms_earlier"] = max(float(d.pow(2).mean()) ** 0.5 for d in drifts)
                 if anchored > 0:                  # (a step already cut to nothing needs no more probes)
-                    move_weights(params, self.weights, delta, scale)      # linearised where the step lands
+                    move_weights(params, self.weights, delta, probe_a)
                     moved_a = anchor_predictions(pipe, list(self.anchors), self.guidance, self.device)
                     for drift_a, after_a, before_a in zip(drifts, moved_a, self.earlier):
-                        anchored = min(anchored, anchored_scale(drift_a, flat_difference(after_a, before_a) / scale,
+                        anchored = min(anchored, anchored_scale(drift_a, flat_difference(after_a, before_a) / probe_a,
                                                                 scale, self.budget))
             metrics["anchor_cut"] = 1.0 - anchored / scale
             scale = anchored

@@ -102,7 +102,8 @@ def test_latency_writes_its_rows(tmp_path):
 def test_precision_sees_bfloat16s_rounding_floor_and_float32s_proportional_change(tmp_path):
     # the trust region's probes in float32 move with the step; in bfloat16 a tiny move already
     # changes the predictions by its rounding (the floor that docs/algorithm.md describes)
-    precision.main(["--model", "tiny", "--dtypes", "float32", "bfloat16", "--doc", str(tmp_path / "b.md")])
+    precision.main(["--model", "tiny", "--dtypes", "float32", "bfloat16", "--doc", str(tmp_path / "b.md"),
+                    "--clicks", "1"])
     section = report.read_section("precision", tmp_path / "b.md")
     rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [float(x) for x in line.strip("|").split("|")[2:]]
             for line in section.splitlines() if line.startswith("| float32") or line.startswith("| bfloat16")}
@@ -111,6 +112,10 @@ def test_precision_sees_bfloat16s_rounding_floor_and_float32s_proportional_chang
         assert 5 < large / small < 20             # (at 1e-4, float32's own rounding, ~1e-6 here)
     assert bf16[0] > 100 * f32[0]                  # at s = 1e-4: rounding, not the move
     assert bf16[0] > 0.1 * bf16[-2]                # and about the same as at 1000× the move
+    # the trust region's landing: one click's true change ÷ ρ, per dtype (0.87–0.96 in bf16 on this shape)
+    landed = {line.strip("|").split("|")[0].strip(): float(line.strip("|").split("|")[-1])
+              for line in section.split("landing")[1].splitlines() if line.startswith("| float32") or line.startswith("| bfloat16")}
+    assert landed["float32"] == pytest.approx(1.0, abs=0.05) and landed["bfloat16"] == pytest.approx(1.0, abs=0.35)
 
 
 def test_learning_control_row_marks_a_chooser_the_cell_did_not_score():

@@ -19,7 +19,8 @@ from d3po_studio.core.logprob import output_coefficient, step_coefficients, step
 from d3po_studio.core.lora import add_lora
 from d3po_studio.core.sampling import make_scheduler, sample_trajectory
 from d3po_studio.core.tiny import SCHEDULER, tiny_pipeline
-from d3po_studio.core.trust_region import predictions, probe_steps, rms_change
+from d3po_studio.core.trust_region import (move_weights, predictions, probe_steps, quadratic_scale, quadratic_terms,
+                                           rms_change, rounding_floor)
 from d3po_studio.core.update import accumulate_d3po_gradients
 
 HAS_EMBEDDED = (WEIGHTS_DIR / "model_index.json").exists()
@@ -207,6 +208,58 @@ def test_one_click_moves_the_predictions_by_step_rms(tmp_path, family):
             assert moved == pytest.approx(rho, rel=0.05), (click, moved, report)
             # over every step of the trajectory, not only the probes: the same order of magnitude
             assert 0.3 * rho < rms_change(before, after) < 3 * rho
+
+
+def test_quadratic_terms_and_scale_solve_the_bilinear_step():
+    u, v = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    at = {m: m * u + m * m * v for m in (1.0, 0.3, -2.0)}
+    for first, second in ((1.0, 0.3), (-2.0, 1.0), (0.3, -2.0)):
+        fu, fv = quadratic_terms((first, at[first]), (second, at[second]))
+        assert torch.allclose(fu, u, atol=1e-6) and torch.allclose(fv, v, atol=1e-6)
+    target = math.sqrt((0.5 ** 2 + 0.5 ** 4) / 2)          # RMS(s·u + s²·v) at s = 0.5
+    assert quadratic_scale(u, v, target, hint=0.01) == pytest.approx(0.5, rel=1e-6)
+    assert quadratic_scale(u, v, target, hint=40.0) == pytest.approx(0.5, rel=1e-6)
+    # v against u: (s − s²)·u never exceeds 0.25·RMS(u), so a larger target takes the linear scale
+    assert quadratic_scale(u, -u, 0.5, hint=0.1) == pytest.approx(0.5 / math.sqrt(0.5))
+    assert quadratic_scale(u, v, 0.0, hint=1.0) == 0.0
+    assert quadratic_scale(u, torch.zeros(2), 0.1, hint=1.0) == pytest.approx(0.1 / math.sqrt(0.5))   # linear
+
+
+def test_rounding_floor_follows_the_weights_epsilon_and_the_guidance():
+    assert rounding_floor(torch.float16, "cpu", 6.0) == pytest.approx(6 * 2 ** -10)
+    assert rounding_floor(torch.bfloat16, "cpu", 1.0) == pytest.approx(2 ** -7)
+    assert rounding_floor(torch.float32, "cpu", 6.0) < 1e-6
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 0.05), ("bfloat16", 0.35)])
+def test_a_click_in_low_precision_moves_the_predictions_by_step_rms(tmp_path, dtype, tolerance):
+    """In fp16 and bf16 any LoRA move changes the predictions by a floor of rounding (bench/precision.py),
+    so a trust region that measured its step where the step is smaller than that floor took the
+    rounding for the step and moved the model by 0.40–0.56 ρ (fp16) and 0.01–0.02 ρ (bf16) here.
+    The true change, measured on a float32 copy of the model with the same LoRA weights, is ρ."""
+    from d3po_studio import Session
+    pipe = tiny_pipeline("sd1").to("cpu", getattr(torch, dtype))
+    mirror = tiny_pipeline("sd1")
+    d = Settings()
+    mirror_lora = add_lora(mirror.unet, d.lora_rank, d.lora_alpha, d.lora_targets)
+    rho, probes = 0.003, probe_steps(6)
+
+    def true_predictions(weights, trajectory, guidance):
+        with torch.no_grad():
+            move_weights(mirror_lora, weights, weights, 0.0)
+        return predictions(mirror, trajectory, probes, [0, 1], guidance, "cpu")
+
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=pipe, steps=6, dtype=dtype, optimizer="adamw",
+                      step_rms=rho, step_evidence=False, drift_budget=None) as s:
+        for click in range(2):
+            batch = s.sample("a red circle", n=2, seed=click)
+            before = [p.detach().float().clone() for p in s.params]
+            report = s.prefer(batch, best=1)
+            after = [p.detach().float().clone() for p in s.params]
+            moved = rms_change(true_predictions(before, batch.trajectory, s.settings.guidance),
+                               true_predictions(after, batch.trajectory, s.settings.guidance))
+            assert moved == pytest.approx(rho, rel=tolerance), (click, moved / rho, report)
+            assert report["step_probe"] > 1    # the proposal's own change was below the floor's margin
 
 
 def test_settings_validate_the_new_fields():
