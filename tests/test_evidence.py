@@ -209,7 +209,7 @@ def test_the_default_update_moves_the_lora_without_optimizer_states(tmp_path, ti
     from d3po_studio import Session
     from d3po_studio.core.config import Settings
     d = Settings()      # the defaults docs/settings.md states and the study chose
-    assert (d.logprob_grid, d.step_evidence, d.step_rms, d.drift_budget) == (1, True, 0.02, 0.08)
+    assert (d.logprob_grid, d.step_evidence, d.step_rms, d.drift_budget) == (1, True, 0.02, 0.07)
     assert (d.step_weight, d.evidence_z, d.beta) == ("x0", 2.0, 0.1)
     with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
                       optimizer="adamw") as s:
