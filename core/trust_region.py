@@ -253,19 +253,21 @@ class TrustRegion:
             scale = target / raw if raw > 0 else 0.0     # target 0 (no evidence yet): no step
         metrics = {"step_rms_raw": raw}
         floor = rounding_floor(pipe.unet.dtype, self.device, self.guidance)
-        probe = max(scale, PROBE_MARGIN * floor / raw) if raw > 0 else scale
-        if target is not None and scale > 0 and raw < PROBE_MARGIN * floor:
-            # the proposal's own change is lost in rounding: measure on both sides of it, further out
-            dp, dn = (self._change(pipe, params, delta, m) for m in (probe, -probe))
-            metrics["step_probe"], metrics["step_rms_probe"] = probe, float(dp.pow(2).mean()) ** 0.5
-            u, v = quadratic_terms((probe, dp), (-probe, dn))
-            scale = quadratic_scale(u, v, target, probe)
-        elif target is not None and scale > 0 and abs(probe - 1.0) > 0.05:
-            dm = self._change(pipe, params, delta, probe)
-            metrics["step_probe"], metrics["step_rms_probe"] = probe, float(dm.pow(2).mean()) ** 0.5
-            u, v = quadratic_terms((1.0, d1), (probe, dm))
-            scale = quadratic_scale(u, v, target, probe)
-        probe_a = max(scale, PROBE_MARGIN * floor / raw) if raw > 0 else scale   # where the anchors are measured
+        least = PROBE_MARGIN * floor / raw if raw > 0 else 0.0    # the scale whose change clears the floor
+        if target is not None and scale > 0:
+            probe = max(scale, least)
+            if least > 1:     # the proposal's own change is lost in rounding: both sides of it, further out
+                points = ((probe, self._change(pipe, params, delta, probe)),
+                          (-probe, self._change(pipe, params, delta, -probe)))
+            elif abs(probe - 1.0) > 0.05:
+                points = ((probe, self._change(pipe, params, delta, probe)), (1.0, d1))
+            else:
+                points = None     # the first guess is the proposal itself, already measured
+            if points is not None:
+                metrics["step_probe"], metrics["step_rms_probe"] = probe, float(points[0][1].pow(2).mean()) ** 0.5
+                u, v = quadratic_terms(*points)
+                scale = quadratic_scale(u, v, target, probe)
+        probe_a = max(scale, least)              # where the anchors are measured
         if self.base is not None and scale > 0:
             drift = flat_difference(self.outputs, self.base)
             metrics["drift_rms"] = float(drift.pow(2).mean()) ** 0.5
