@@ -29,7 +29,7 @@ from pathlib import Path
 from ..core.simulate import run_simulation
 from .report import write_section
 
-CHOOSERS = ("brighter", "jpeg-compressible", "larger-shape", "saturated", "centered", "warmer")
+CHOOSERS = ("brighter", "jpeg-compressible", "larger-shape", "saturated", "centered", "warmer", "greener")
 CONTROL = "random"
 EVAL_AT = (10, 25, 50)
 # Runtime choices that do not change the math, for speed: no gradient checkpointing on a 5 M model.

@@ -130,6 +130,17 @@ def warmer(images: list[Image.Image], prompt: str) -> list[float]:
     return scores
 
 
+@register_oracle("greener")
+def greener(images: list[Image.Image], prompt: str) -> list[float]:
+    """Green cast: (mean green - (mean red + mean blue) / 2) / 255, in [-1, 1]; an axis of colour
+    that ``warmer`` (red against blue) does not see."""
+    scores = []
+    for im in images:
+        rgb = _rgb(im)
+        scores.append(float((rgb[..., 1].mean() - (rgb[..., 0].mean() + rgb[..., 2].mean()) / 2) / 255.0))
+    return scores
+
+
 @register_oracle("centered")
 def centered(images: list[Image.Image], prompt: str) -> list[float]:
     """Minus shape_offset: a shape nearer the middle of the image scores higher."""

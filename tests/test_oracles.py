@@ -96,3 +96,15 @@ def test_warmer_prefers_a_warm_cast():
     assert a > 0 > b and a == pytest.approx(-b, abs=1e-3)   # the same cast, mirrored
     assert get_oracle("warmer")([flat(128)], PROMPT) == [0.0]
     assert get_oracle("warmer")([Image.new("RGB", (8, 8), (255, 0, 0))], PROMPT) == [1.0]
+
+
+def test_greener_prefers_a_green_cast_and_ignores_warmth():
+    scene = dict(colour="red", kind="circle", size="large", background="gray", radius=20.0, cx=32.0, cy=32.0)
+    green = render(Scene(**scene, rgb=(215, 35, 35), bg_rgb=(110, 160, 110)))
+    magenta = render(Scene(**scene, rgb=(215, 35, 35), bg_rgb=(150, 100, 150)))
+    a, b = get_oracle("greener")([green, magenta], PROMPT)
+    assert a > b
+    assert get_oracle("greener")([flat(128)], PROMPT) == [0.0]
+    assert get_oracle("greener")([Image.new("RGB", (8, 8), (0, 255, 0))], PROMPT) == [1.0]
+    warm, cool = Image.new("RGB", (8, 8), (200, 128, 56)), Image.new("RGB", (8, 8), (56, 128, 200))
+    assert get_oracle("greener")([warm, cool], PROMPT) == pytest.approx([0.0, 0.0])   # red against blue: not its axis
