@@ -57,6 +57,12 @@ def _rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float64)
 
 
+def _channel_means(image: Image.Image) -> tuple[float, float, float]:
+    """Mean red, green and blue (0-255) of an image."""
+    rgb = _rgb(image)
+    return rgb[..., 0].mean(), rgb[..., 1].mean(), rgb[..., 2].mean()
+
+
 @register_oracle("brighter")
 def brighter(images: list[Image.Image], prompt: str) -> list[float]:
     """Mean luminance (ITU-R 601 luma, PIL mode "L") in [0, 1]."""
@@ -123,22 +129,14 @@ def shape_offset(image: Image.Image, distance: float = SHAPE_DISTANCE) -> float:
 @register_oracle("warmer")
 def warmer(images: list[Image.Image], prompt: str) -> list[float]:
     """Colour temperature: (mean red - mean blue) / 255, in [-1, 1]; warmer tones score higher."""
-    scores = []
-    for im in images:
-        rgb = _rgb(im)
-        scores.append(float((rgb[..., 0].mean() - rgb[..., 2].mean()) / 255.0))
-    return scores
+    return [float((r - b) / 255.0) for r, _, b in map(_channel_means, images)]
 
 
 @register_oracle("greener")
 def greener(images: list[Image.Image], prompt: str) -> list[float]:
     """Green cast: (mean green - (mean red + mean blue) / 2) / 255, in [-1, 1]; an axis of colour
     that ``warmer`` (red against blue) does not see."""
-    scores = []
-    for im in images:
-        rgb = _rgb(im)
-        scores.append(float((rgb[..., 1].mean() - (rgb[..., 0].mean() + rgb[..., 2].mean()) / 2) / 255.0))
-    return scores
+    return [float((g - (r + b) / 2) / 255.0) for r, g, b in map(_channel_means, images)]
 
 
 @register_oracle("centered")
