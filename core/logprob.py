@@ -98,6 +98,34 @@ def step_weight(scheduler, timestep: int, eta: float, weighting: str = "noise") 
     return sigma_t ** 2 / c_t ** 2
 
 
+def step_mean(scheduler, model_output: torch.Tensor, timestep: int, sample: torch.Tensor,
+              eta: float = 1.0) -> tuple[torch.Tensor, float]:
+    """(μ_t, σ_t) of the DDIM step from ``sample`` = x_t: x_{t-1} ~ N(μ_t, σ_t² I), in float32."""
+    alpha_prod_t, alpha_prod_t_prev, sigma_t = step_coefficients(scheduler, timestep, eta)
+    x_t = sample.float()
+    out = model_output.float()
+    beta_prod_t = 1 - alpha_prod_t
+
+    # 4. x̂_0 and ε̂ from the model output (DDIM eq. 12 "predicted x_0")
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        pred_x0 = (x_t - beta_prod_t ** 0.5 * out) / alpha_prod_t ** 0.5
+        pred_eps = out
+    elif kind == "v_prediction":
+        pred_x0 = alpha_prod_t ** 0.5 * x_t - beta_prod_t ** 0.5 * out
+        pred_eps = alpha_prod_t ** 0.5 * out + beta_prod_t ** 0.5 * x_t
+    elif kind == "sample":
+        pred_x0 = out
+        pred_eps = (x_t - alpha_prod_t ** 0.5 * pred_x0) / beta_prod_t ** 0.5
+    else:
+        raise ValueError(f"prediction_type {kind!r} is not supported: use epsilon, v_prediction or sample")
+
+    # 5-7. mean of x_{t-1}: "direction pointing to x_t" plus the rescaled x̂_0
+    direction = max(1 - alpha_prod_t_prev - sigma_t ** 2, 0.0) ** 0.5 * pred_eps
+    mean = alpha_prod_t_prev ** 0.5 * pred_x0 + direction
+    return mean, sigma_t
+
+
 def ddim_step_with_logprob(
     scheduler,
     model_output: torch.Tensor,
@@ -122,29 +150,7 @@ def ddim_step_with_logprob(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r}: use one of {REDUCTIONS}")
-    alpha_prod_t, alpha_prod_t_prev, sigma_t = step_coefficients(scheduler, timestep, eta)
-    x_t = sample.float()
-    out = model_output.float()
-    beta_prod_t = 1 - alpha_prod_t
-
-    # 4. x̂_0 and ε̂ from the model output (DDIM eq. 12 "predicted x_0")
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        pred_x0 = (x_t - beta_prod_t ** 0.5 * out) / alpha_prod_t ** 0.5
-        pred_eps = out
-    elif kind == "v_prediction":
-        pred_x0 = alpha_prod_t ** 0.5 * x_t - beta_prod_t ** 0.5 * out
-        pred_eps = alpha_prod_t ** 0.5 * out + beta_prod_t ** 0.5 * x_t
-    elif kind == "sample":
-        pred_x0 = out
-        pred_eps = (x_t - alpha_prod_t ** 0.5 * pred_x0) / beta_prod_t ** 0.5
-    else:
-        raise ValueError(f"prediction_type {kind!r} is not supported: use epsilon, v_prediction or sample")
-
-    # 5-7. mean of x_{t-1}: "direction pointing to x_t" plus the rescaled x̂_0
-    direction = max(1 - alpha_prod_t_prev - sigma_t ** 2, 0.0) ** 0.5 * pred_eps
-    mean = alpha_prod_t_prev ** 0.5 * pred_x0 + direction
-
+    mean, sigma_t = step_mean(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
         prev_sample = mean + sigma_t * noise.to(mean.device)
