@@ -132,7 +132,7 @@ def drawn_noise(seed: int, n: int, latent_shape: tuple[int, int, int], steps: in
     """The standard normal draws behind ``sample_trajectory(..., n, seed, steps=steps)``: x_T before
     ``init_noise_sigma`` [1, C, h, w] and each step's noise [steps, n, C, h, w] (x_{t-1} = μ_t + σ_t·noise).
     The same generator calls in the same order, so a kept round's noise is known from its seed
-    without the model (tests/test_sampling.py checks it against a sampled trajectory)."""
+    without the model (tests/test_noise_agreement.py checks it against a sampled trajectory)."""
     generator = torch.Generator("cpu").manual_seed(int(seed))
     x_T = torch.randn((1, *latent_shape), generator=generator)
     noise = [torch.randn((n, *latent_shape), generator=generator, dtype=torch.float32) for _ in range(steps)]
