@@ -21,7 +21,9 @@ the click gradients (those z are shown beside, from the same rounds' reports). *
 clicks with their winners drawn at random among each click's images (for pairs, a random sign of
 each d: what random clicks are), 400 times: the share of those sessions whose z ever reaches 2 from
 the fifth click on, and z95, the level that only 5% of them ever reach; **first** = the first click
-whose z reaches 2 and z95. Writes the "noise_agreement" section of docs/benchmarks.md.
+whose z reaches 2 and z95. **known direction**: the first 25 clicks projected on the mean unit vector
+of the same chooser's other seeds (other cells of the list), as a rule told the direction in advance
+would test them. Writes the "noise_agreement" section of docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ AT = (10, 25, 50)
 FROM_CLICK = 5          # the null's looks start here (the gradient statistics need a few clicks too)
 REPLICATES = 400
 LEVEL = 2.0
+KNOWN_AT = 25           # clicks at which the known direction's test is read
 
 
 def reach_weights(scheduler, eta: float) -> np.ndarray:
@@ -98,6 +101,13 @@ def null_maxima(coarse: np.ndarray, weights: np.ndarray, replicates: int = REPLI
         units = click_vectors(click_differences(coarse, rng.integers(n, size=k)), weights)
         out[r] = np.nanmax(agreement_path(units)[start - 1:])
     return out
+
+
+def along(units: np.ndarray, direction: np.ndarray, clicks: int) -> tuple[float, float]:
+    """(share of the first ``clicks`` unit vectors on the side of ``direction``, t of their projections
+    on it): how strongly the clicks point a way known in advance (for random clicks, t ~ N(0, 1))."""
+    proj = units[:clicks] @ (direction / np.linalg.norm(direction))
+    return float((proj > 0).mean()), float(proj.mean() / (proj.std(ddof=1) / len(proj) ** 0.5))
 
 
 def first_at(path: np.ndarray, level: float, start: int = 1) -> int | None:
@@ -165,7 +175,7 @@ def rows(workdir: Path, variants: list[str], model_for=None, at=AT, replicates: 
             return make_scheduler(pipe, sampling["steps"]), shape
         return scheduler_for
 
-    out = []
+    out, units = [], []
     for cell in sorted(p for p in workdir.iterdir() if p.is_dir() and p.name.count("__") == 3):
         variant, chooser, n, seed = cell.name.split("__")
         if variant not in variants:
@@ -175,6 +185,16 @@ def rows(workdir: Path, variants: list[str], model_for=None, at=AT, replicates: 
         if found is not None:
             mode = "pairs" if n == "n2" else f"best of {n[1:]}"
             out.append(cell_row([variant, chooser, mode, seed[1:]], *found, at=at, replicates=replicates))
+            coarse, best, weights, _ = found
+            units.append(((chooser, n), seed, click_vectors(click_differences(coarse, best), weights)))
+    known = KNOWN_AT if KNOWN_AT <= clicks else clicks
+    for row, (group, seed, u) in zip(out, units):
+        others = [v for g, s, v in units if g == group and s != seed]
+        if others and len(u) >= known:
+            share, t = along(u, np.concatenate(others).mean(0), known)
+            row.append(f"{share:.0%} / {t:+.1f}")
+        else:
+            row.append("—")
     return out
 
 
@@ -238,13 +258,18 @@ def markdown(found: list[list[str]], command: str, shares: dict | None, decompos
                         [[c, f"{a:.0%}", f"{b:.0%}"] for c, (a, b) in shares.items()]), ""]
     if found:
         headers = (["variant", "chooser", "mode", "seed"] + [f"z @{c}: noise / gradient" for c in at]
-                   + ["first z ≥ 2: noise / gradient", "random winners ever ≥ 2", "z95", "first ≥ z95"])
+                   + ["first z ≥ 2: noise / gradient", "random winners ever ≥ 2", "z95", "first ≥ z95",
+                      f"known direction @{KNOWN_AT}: share / t"])
         parts += [f"Command: `{command}`. Per cell: **noise** = the agreement z of the clicks' "
                   "reach-weighted channel-mean noise differences, winner minus each loser (bench/noise_agreement.py), **gradient** = the "
                   "z of the click gradients from the same rounds' reports (bench/agreement.py); **random winners "
                   f"ever ≥ 2** = share of {REPLICATES} sessions with the same clicks' images and winners drawn at random whose noise "
                   f"z reached 2 from click {FROM_CLICK} on; **z95** = the level only 5% of them reach; "
-                  "**first** = the first click at that level.", "", table(headers, found), ""]
+                  "**first** = the first click at that level; **known direction** = the clicks tested against the "
+                  "direction of the same chooser's other seeds (the mean of their unit vectors, every listed cell of the "
+                  f"same chooser and images per click with another seed): the share of the first {KNOWN_AT} that point "
+                  "its way and the t of their projections on it (random clicks: 50%, t ~ N(0, 1)), what a rule told the "
+                  "chooser's direction in advance would see.", "", table(headers, found), ""]
     return "\n".join(parts)
 
 

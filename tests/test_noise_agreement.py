@@ -70,6 +70,14 @@ def test_a_consistent_chooser_passes_the_null_of_random_winners(n):
     assert np.nanmax(random_path[na.FROM_CLICK - 1:]) < z95
 
 
+def test_along_a_known_direction_hand_computed():
+    units = np.array([[1.0, 0.0], [0.6, 0.8], [-0.6, 0.8]])
+    share, t = na.along(units, np.array([2.0, 0.0]), 3)
+    # projections 1, 0.6, −0.6: mean 1/3, sample sd √((4/9 + 0.071 + 0.871)/2) = 0.8327, t = (1/3)/(0.8327/√3)
+    assert share == pytest.approx(2 / 3)
+    assert t == pytest.approx(0.6934, abs=1e-3)
+
+
 def _fake_cell(root, name, choose, pipe, clicks=30, steps=4):
     shape = (pipe.unet.config.in_channels, 64 // pipe.vae_scale_factor, 64 // pipe.vae_scale_factor)
     cell = root / name / "session"
@@ -92,7 +100,12 @@ def test_rows_read_each_pair_cells_noise_from_its_seeds(tmp_path, tiny_sd1):
     _fake_cell(tmp_path, "v__first__n2__s0", lambda c, i: int(c[0, 1, 0] > c[0, 0, 0]), tiny_sd1)
     _fake_cell(tmp_path, "v__random__n2__s0", lambda c, i: int(np.random.default_rng(i).integers(2)),
                tiny_sd1)
+    _fake_cell(tmp_path, "v__first__n2__s1", lambda c, i: int(c[0, 1, 0] > c[0, 0, 0]), tiny_sd1, clicks=30)
     found = na.rows(tmp_path, ["v"], model_for=lambda model: tiny_sd1, at=(10, 25), replicates=50)
+    seed1 = [row for row in found if row[1] == "first" and row[3] == "1"][0]
+    share, t = seed1[-1].split(" / ")
+    assert float(share.rstrip("%")) > 70 and float(t) > 4       # seed 0's direction predicts seed 1's clicks
+    found = [row for row in found if row[3] == "0"]
     by_chooser = {row[1]: row for row in found}
     assert set(by_chooser) == {"first", "random"}
     assert by_chooser["first"][:4] == ["v", "first", "pairs", "0"]
@@ -100,7 +113,8 @@ def test_rows_read_each_pair_cells_noise_from_its_seeds(tmp_path, tiny_sd1):
     random_z = float(by_chooser["random"][5].split(" / ")[0])
     assert consistent > 3.0 > random_z
     assert by_chooser["first"][5].endswith(" / +0.0")          # the gradient's z from the round reports
-    assert by_chooser["first"][-1] != "—"
+    assert by_chooser["first"][-2] != "—"                     # first click at the 5% level
+    assert by_chooser["random"][-1] == "—"                    # no other seed of that chooser to learn a direction from
 
 
 def test_decompose_finds_a_brightness_choice_in_the_channel_means():
