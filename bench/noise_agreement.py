@@ -99,7 +99,8 @@ def null_maxima(coarse: np.ndarray, weights: np.ndarray, replicates: int = REPLI
     out = np.empty(replicates)
     for r in range(replicates):
         units = click_vectors(click_differences(coarse, rng.integers(n, size=k)), weights)
-        out[r] = np.nanmax(agreement_path(units)[start - 1:])
+        looks = agreement_path(units)[start - 1:]
+        out[r] = np.nanmax(looks) if np.isfinite(looks).any() else np.nan
     return out
 
 
@@ -145,7 +146,7 @@ def cell_row(name: list[str], coarse: np.ndarray, best: np.ndarray, weights: np.
     grad = [z_score(r["evidence_power"], r["evidence_null_sd"]) if "evidence_power" in r else np.nan
             for r in reports]
     maxima = null_maxima(coarse, weights, replicates)
-    z95 = float(np.quantile(maxima, 0.95))
+    z95 = float(np.nanquantile(maxima, 0.95)) if np.isfinite(maxima).any() else float("nan")
     ever = float((maxima >= LEVEL).mean())
 
     def show(values, click):
@@ -153,9 +154,10 @@ def cell_row(name: list[str], coarse: np.ndarray, best: np.ndarray, weights: np.
 
     first_noise = first_at(path, LEVEL, FROM_CLICK)
     first_grad = first_at(np.array(grad), LEVEL)
-    first_z95 = first_at(path, z95, FROM_CLICK)
+    first_z95 = first_at(path, z95, FROM_CLICK) if np.isfinite(z95) else None
     return (list(name) + [f"{show(path, c)} / {show(grad, c)}" for c in at]
-            + [f"{first_noise or '—'} / {first_grad or '—'}", f"{ever:.0%}", f"{z95:.1f}", f"{first_z95 or '—'}"])
+            + [f"{first_noise or '—'} / {first_grad or '—'}", f"{ever:.0%}",
+               f"{z95:.1f}" if np.isfinite(z95) else "—", f"{first_z95 or '—'}"])
 
 
 def rows(workdir: Path, variants: list[str], model_for=None, at=AT, replicates: int = REPLICATES,

@@ -123,3 +123,28 @@ def test_decompose_finds_a_brightness_choice_in_the_channel_means():
     shares = na.decompose(pipe, ["brighter"], count=5, steps=5)
     coarse, fine = shares["brighter"]
     assert fine < 0.5 < coarse
+
+
+def test_placement_replay_reproduces_the_agreement_a_session_recorded(tmp_path, tiny_sd1):
+    """Clicks that never stepped (evidence_z out of reach) leave the LoRA at its start, so replaying
+    them on the same placement and LoRA seed gives back each click's recorded P = |Σu|²/k."""
+    from d3po_studio import Session
+    from d3po_studio.bench import placement
+    from d3po_studio.core.lora import add_lora
+    from d3po_studio.core.tiny import tiny_pipeline
+    cell = tmp_path / "v__brighter__n2__s0"
+    with Session.open(cell / "session", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
+                      evidence_z=1000.0, seed=0) as s:
+        for i, prompt in enumerate(["a red circle", "a blue square", "a green triangle", "a red square",
+                                    "a blue circle", "a green square"]):
+            s.prefer(s.sample(prompt, n=2, seed=10 + i), best=i % 2)
+    pipe = tiny_pipeline("sd1")
+    params = add_lora(pipe.unet, 4, 4.0, placement.PLACEMENTS["attn1"], seed=0)
+    units, reports = placement.replay_units(pipe, params, cell)
+    assert len(units) == 6
+    for k in range(1, 7):
+        power = float((units[:k].sum(0) ** 2).sum()) / k
+        assert power == pytest.approx(reports[k - 1]["evidence_power"], rel=1e-3), k
+    rows = placement.placement_rows("ff", [cell], pipe=tiny_pipeline("sd1"), replicates=20)
+    assert rows[0][:3] == ["ff", "brighter", "0"]
+    assert rows[0][-2] != "—"                                  # six clicks: the null of random winners ran
