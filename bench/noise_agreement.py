@@ -80,14 +80,12 @@ def click_vectors(differences: np.ndarray, weights: np.ndarray) -> np.ndarray:
 def agreement_path(units: np.ndarray) -> np.ndarray:
     """z = (P − 1)/sd after each click k = 1..K (nan while sd = 0)."""
     gram = units @ units.T
-    out = np.full(len(units), np.nan)
-    for k in range(2, len(units) + 1):
-        g = gram[:k, :k]
-        power = g.sum() / k
-        off = g[~np.eye(k, dtype=bool)]
-        sd = (2.0 * float((off ** 2).sum())) ** 0.5 / k
-        out[k - 1] = (power - 1.0) / sd if sd > 0 else np.nan
-    return out
+    below = np.tril(gram, -1)                      # each click against the ones before it
+    k = np.arange(1, len(units) + 1)
+    power = np.cumsum(2 * below.sum(1) + np.diag(gram)) / k
+    sd = np.sqrt(2 * np.cumsum(2 * (below ** 2).sum(1))) / k
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sd > 0, (power - 1.0) / sd, np.nan)
 
 
 def null_maxima(coarse: np.ndarray, weights: np.ndarray, replicates: int = REPLICATES, start: int = FROM_CLICK,
@@ -119,20 +117,20 @@ def first_at(path: np.ndarray, level: float, start: int = 1) -> int | None:
 def cell_noise(cell: Path, scheduler_for, clicks: int = max(AT)
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict]] | None:
     """(channel means [k, T, n, C], winners [k], reach weights [T], round reports) of a cell's first
-    ``clicks`` rounds; None if a round is not an applied click of the same n images."""
+    ``clicks`` rounds; None if a round is not an applied click of the same n images and sampling."""
     from ..core.sampling import drawn_noise
     rounds = sorted((cell / "session" / "rounds").glob("*/round.json"))[:clicks]
-    coarse, best, weights, n = [], [], None, None
+    coarse, best, weights, n, sampling = [], [], None, None, None
     for path in rounds:
         r = json.loads(path.read_text())
-        n = n or r.get("n")
-        if r.get("n") != n or r.get("status") != "applied" or "best" not in (r.get("choice") or {}):
+        n, sampling = n or r.get("n"), sampling or r.get("sampling")
+        if (r.get("n") != n or r.get("sampling") != sampling or r.get("status") != "applied"
+                or "best" not in (r.get("choice") or {})):
             return None
-        s = r["sampling"]
-        scheduler, shape = scheduler_for(s)
         if weights is None:
-            weights = reach_weights(scheduler, s["eta"])
-        _, noise = drawn_noise(r["seed"], n, shape, s["steps"])
+            scheduler, shape = scheduler_for(sampling)
+            weights = reach_weights(scheduler, sampling["eta"])
+        _, noise = drawn_noise(r["seed"], n, shape, sampling["steps"])
         coarse.append(channel_means(noise).numpy())   # [T, n, C]
         best.append(int(r["choice"]["best"]))
     if not coarse:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .agreement import z_score
 from .noise_agreement import AT, FROM_CLICK, LEVEL, agreement_path, first_at
 from .report import table, write_section
 
@@ -89,7 +90,7 @@ def placement_rows(placement: str, cells: list[Path], model: str = "embedded", c
             maxima = [np.nanmax(agreement_path(units * rng.choice([-1.0, 1.0], size=(len(units), 1)))[FROM_CLICK - 1:])
                       for _ in range(replicates)]
             z95 = float(np.quantile(maxima, 0.95))
-        recorded = [(r["evidence_power"] - 1) / r["evidence_null_sd"] if r.get("evidence_null_sd") else np.nan
+        recorded = [z_score(r["evidence_power"], r["evidence_null_sd"]) if r.get("evidence_null_sd") else np.nan
                     for r in reports]
         _variant, chooser, _n, s = cell.name.split("__")
         shown = [f"{path[c - 1]:+.1f}" if c <= len(path) and np.isfinite(path[c - 1]) else "—" for c in AT]

@@ -136,11 +136,13 @@ def ddim_step_with_logprob(
     generator: torch.Generator | None = None,
     reduction: str = "sum",
     pool: int | tuple[int, int] = 1,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Draw x_{t-1} (or score the given ``prev_sample``) and return ``(x_{t-1}, log p)``.
 
     model_output: the (guided) UNet prediction for ``sample`` = x_t, shape [B, C, H, W].
     generator:    draws the step noise on the CPU (reproducible on any device).
+    noise:        the step's standard normal draw, already made (x_{t-1} = μ_t + σ_t·noise).
     pool:         r > 1 scores the r×r average-pooled step instead: pooling is linear, so
                   pool(x_{t-1}) ~ N(pool(μ_t), (σ_t/r)² I) exactly — the density of a coarse view
                   of the step, which keeps its low frequencies and drops (r²−1)/r² of the noise.
@@ -152,7 +154,8 @@ def ddim_step_with_logprob(
         raise ValueError(f"reduction={reduction!r}: use one of {REDUCTIONS}")
     mean, sigma_t = step_mean(scheduler, model_output, timestep, sample, eta)
     if prev_sample is None:
-        noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
+        if noise is None:
+            noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32)
         prev_sample = mean + sigma_t * noise.to(mean.device)
     prev_sample = prev_sample.detach().to(mean.device, torch.float32)
     if sigma_t == 0.0:

@@ -109,13 +109,12 @@ def sample_trajectory(pipe, prompt: str, negative_prompt: str, n: int, seed: int
     cond = encode_conditioning(pipe, prompt, negative_prompt, height, width, device)
     scale = pipe.vae_scale_factor
     shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
-    generator = torch.Generator("cpu").manual_seed(int(seed))
-    x_T = torch.randn(shape, generator=generator) * scheduler.init_noise_sigma
-    x = x_T.expand(n, -1, -1, -1).to(device)   # one x_T shared by all n images
+    x_T, noise = drawn_noise(seed, n, shape[1:], len(scheduler.timesteps))
+    x = (x_T * scheduler.init_noise_sigma).expand(n, -1, -1, -1).to(device)   # one x_T shared by all n images
     latents, log_probs = [x.to("cpu", STORE_DTYPE)], []
     for i, t in enumerate(scheduler.timesteps):
         eps = predict_noise(pipe.unet, x, t, cond, guidance)
-        x, logp = ddim_step_with_logprob(scheduler, eps, t, x, eta, generator=generator, reduction=reduction)
+        x, logp = ddim_step_with_logprob(scheduler, eps, t, x, eta, noise=noise[i], reduction=reduction)
         latents.append(x.to("cpu", STORE_DTYPE))
         log_probs.append(logp.cpu() if logp is not None else torch.full((n,), float("nan")))
         if progress:
@@ -129,10 +128,10 @@ def sample_trajectory(pipe, prompt: str, negative_prompt: str, n: int, seed: int
 
 
 def drawn_noise(seed: int, n: int, latent_shape: tuple[int, int, int], steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The standard normal draws behind ``sample_trajectory(..., n, seed, steps=steps)``: x_T before
-    ``init_noise_sigma`` [1, C, h, w] and each step's noise [steps, n, C, h, w] (x_{t-1} = μ_t + σ_t·noise).
-    The same generator calls in the same order, so a kept round's noise is known from its seed
-    without the model (tests/test_noise_agreement.py checks it against a sampled trajectory)."""
+    """The standard normal draws ``sample_trajectory(..., n, seed, steps=steps)`` samples with: x_T
+    before ``init_noise_sigma`` [1, C, h, w] and each step's noise [steps, n, C, h, w]
+    (x_{t-1} = μ_t + σ_t·noise), all from one CPU generator. So a kept round's noise is known from its
+    seed without the model (tests/test_noise_agreement.py checks it against a sampled trajectory)."""
     generator = torch.Generator("cpu").manual_seed(int(seed))
     x_T = torch.randn((1, *latent_shape), generator=generator)
     noise = [torch.randn((n, *latent_shape), generator=generator, dtype=torch.float32) for _ in range(steps)]
