@@ -211,6 +211,41 @@ def test_loop_with_a_click_then_the_stock_lora_loader(comfy):
     comfy["sd15_report"] = report
 
 
+def test_stock_lora_loader_loads_a_feed_forward_lora_with_every_key(comfy):
+    """docs/settings.md offers a LoRA on the feed-forward layers (`lora_targets=ff.net.0.proj,ff.net.2`)
+    for colour tastes: its kohya export, shaped for SD 1.5, loads in the stock LoraLoader with
+    every key, and the stock graph runs with it."""
+    import torch
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from d3po_studio.core.export import export_lora
+    from d3po_studio.core.loading import CONFIGS_DIR
+    config = CONFIGS_DIR / "sd1" / "unet"
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config))
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, module in unet.named_modules():
+        if name.endswith(("ff.net.0.proj", "ff.net.2")):
+            out_features, in_features = module.weight.shape
+            state[f"{name}.lora_A.weight"] = torch.randn(4, in_features, generator=generator) * 0.01
+            state[f"{name}.lora_B.weight"] = torch.randn(out_features, 4, generator=generator) * 0.01
+    assert len(state) == 2 * 2 * 16                  # two modules in each of the 16 transformer blocks
+    folder = comfy["base"] / "models" / "loras" / "d3po"
+    folder.mkdir(parents=True, exist_ok=True)
+    export_lora(state, folder / "it-ff.safetensors", "kohya", rank=4, alpha=4.0, family="sd1",
+                metadata={"base_model": CKPT_NAME, "base_model_hash": "0" * 16, "num_preferences": 0})
+    graph = {k: json.loads(json.dumps(GRAPH[k])) for k in ("6", "7", "8", "9", "10", "11", "12", "13")}
+    graph["7"]["inputs"]["lora_name"] = "d3po/it-ff.safetensors"
+    before = len(comfy["log"].read_text())
+    done = _history(comfy, _queue(comfy, graph))
+    assert done["status"]["status_str"] == "success", done["status"]
+    assert done["outputs"]["13"]["images"]
+    log = comfy["log"].read_text()[before:]
+    assert "lora key not loaded" not in log, log[-2000:]
+
+
 def test_interrupt_while_waiting_for_the_click(comfy):
     graph = json.loads(json.dumps(GRAPH))
     graph["2"]["inputs"]["seed"] = 3
