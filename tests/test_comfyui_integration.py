@@ -211,10 +211,11 @@ def test_loop_with_a_click_then_the_stock_lora_loader(comfy):
     comfy["sd15_report"] = report
 
 
-def test_stock_lora_loader_loads_a_feed_forward_lora_with_every_key(comfy):
-    """docs/settings.md offers a LoRA on the feed-forward layers (`lora_targets=ff.net.0.proj,ff.net.2`)
-    for colour tastes: its kohya export, shaped for SD 1.5, loads in the stock LoraLoader with
-    every key, and the stock graph runs with it."""
+@pytest.mark.parametrize("targets", [("ff.net.0.proj", "ff.net.2"), ("conv1", "conv2")], ids=["ff", "conv"])
+def test_stock_lora_loader_loads_a_feed_forward_or_resnet_lora_with_every_key(comfy, targets):
+    """docs/settings.md offers LoRAs on the feed-forward layers and on the ResNet convolutions:
+    their kohya exports, shaped for SD 1.5, load in the stock LoraLoader with every key, and the
+    stock graph runs with them."""
     import torch
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -227,17 +228,19 @@ def test_stock_lora_loader_loads_a_feed_forward_lora_with_every_key(comfy):
     generator = torch.Generator().manual_seed(0)
     state = {}
     for name, module in unet.named_modules():
-        if name.endswith(("ff.net.0.proj", "ff.net.2")):
-            out_features, in_features = module.weight.shape
-            state[f"{name}.lora_A.weight"] = torch.randn(4, in_features, generator=generator) * 0.01
-            state[f"{name}.lora_B.weight"] = torch.randn(out_features, 4, generator=generator) * 0.01
-    assert len(state) == 2 * 2 * 16                  # two modules in each of the 16 transformer blocks
+        if name.endswith(targets):
+            out_features, in_features, *kernel = module.weight.shape        # a Conv2d has a kernel too
+            state[f"{name}.lora_A.weight"] = torch.randn(4, in_features, *kernel, generator=generator) * 0.01
+            state[f"{name}.lora_B.weight"] = torch.randn(out_features, 4, *[1] * len(kernel), generator=generator) * 0.01
+    blocks = 16 if targets[0].startswith("ff") else 22     # SD 1.5: transformer blocks / ResNet blocks
+    assert len(state) == 2 * 2 * blocks
     folder = comfy["base"] / "models" / "loras" / "d3po"
     folder.mkdir(parents=True, exist_ok=True)
-    export_lora(state, folder / "it-ff.safetensors", "kohya", rank=4, alpha=4.0, family="sd1",
+    name = f"it-{targets[0].split('.')[0]}.safetensors"
+    export_lora(state, folder / name, "kohya", rank=4, alpha=4.0, family="sd1",
                 metadata={"base_model": CKPT_NAME, "base_model_hash": "0" * 16, "num_preferences": 0})
     graph = {k: json.loads(json.dumps(GRAPH[k])) for k in ("6", "7", "8", "9", "10", "11", "12", "13")}
-    graph["7"]["inputs"]["lora_name"] = "d3po/it-ff.safetensors"
+    graph["7"]["inputs"]["lora_name"] = f"d3po/{name}"
     before = len(comfy["log"].read_text())
     done = _history(comfy, _queue(comfy, graph))
     assert done["status"]["status_str"] == "success", done["status"]

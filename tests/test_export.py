@@ -132,18 +132,19 @@ def test_the_default_self_attention_lora_reloads_with_every_key(tmp_path, fmt):
     assert len(weights) == 2 * len([m for m in state if "lora_A" in m])     # every module's up and down
 
 
+@pytest.mark.parametrize("targets", [("ff.net.0.proj", "ff.net.2"), ("conv1", "conv2")], ids=["ff", "conv"])
 @pytest.mark.parametrize("fmt", sorted(EXPORT_FORMATS))
-def test_a_feed_forward_lora_reloads_with_every_key(tmp_path, fmt):
-    """docs/settings.md offers `lora_targets=ff.net.0.proj,ff.net.2` for colour tastes: its file
-    holds the feed-forward modules' keys and no others, and diffusers reloads it to the same outputs."""
-    targets = ("ff.net.0.proj", "ff.net.2")
+def test_a_feed_forward_or_resnet_lora_reloads_with_every_key(tmp_path, fmt, targets):
+    """docs/settings.md offers LoRAs on the feed-forward layers and on the ResNet convolutions: their
+    files hold those modules' keys and no others, and diffusers reloads them to the same outputs."""
     pipe = tiny_sd_pipeline()
     base = unet_output(pipe.unet)
     state = add_random_lora(pipe.unet, targets=targets)
     path = export_and_reload(tmp_path, fmt, state, base, unet_output(pipe.unet))
     with safe_open(str(path), "pt") as f:
         weights = [k for k in f.keys() if k.endswith(".weight")]
-    assert weights and all(("ff.net" in k or "ff_net" in k) for k in weights), weights
+    kohya = [t.replace(".", "_") for t in targets]
+    assert weights and all(any(t in k for t in (*targets, *kohya)) for k in weights), weights
     assert len(weights) == 2 * len([m for m in state if "lora_A" in m])
     if fmt == "kohya":
         modules = dict(tiny_sd_pipeline().unet.named_modules())
