@@ -108,6 +108,17 @@ def export_and_reload(tmp_path, fmt, state, base, lora_out):
     return path
 
 
+def reloaded_weight_keys(tmp_path, fmt, targets):
+    """A random LoRA on ``targets`` of a tiny SD 1.x UNet, exported and reloaded to the same outputs
+    (export_and_reload); returns its peft state and the file's ``.weight`` keys."""
+    pipe = tiny_sd_pipeline()
+    base = unet_output(pipe.unet)
+    state = add_random_lora(pipe.unet, targets=targets)
+    path = export_and_reload(tmp_path, fmt, state, base, unet_output(pipe.unet))
+    with safe_open(str(path), "pt") as f:
+        return state, [k for k in f.keys() if k.endswith(".weight")]
+
+
 @pytest.mark.parametrize("fmt", sorted(EXPORT_FORMATS))
 def test_reload_into_fresh_pipeline_matches(tmp_path, trained, fmt):
     _, state, base, lora_out = trained
@@ -121,13 +132,7 @@ def test_the_default_self_attention_lora_reloads_with_every_key(tmp_path, fmt):
     from d3po_studio.core.config import Settings
     targets = Settings().lora_targets
     assert all(t.startswith("attn1.") for t in targets)
-    pipe = tiny_sd_pipeline()
-    base = unet_output(pipe.unet)
-    state = add_random_lora(pipe.unet, targets=targets)
-    path = export_and_reload(tmp_path, fmt, state, base, unet_output(pipe.unet))
-    with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-    weights = [k for k in keys if k.endswith(".weight")]
+    state, weights = reloaded_weight_keys(tmp_path, fmt, targets)
     assert weights and all("attn1" in k for k in weights), [k for k in weights if "attn1" not in k]
     assert len(weights) == 2 * len([m for m in state if "lora_A" in m])     # every module's up and down
 
@@ -137,12 +142,7 @@ def test_the_default_self_attention_lora_reloads_with_every_key(tmp_path, fmt):
 def test_a_feed_forward_or_resnet_lora_reloads_with_every_key(tmp_path, fmt, targets):
     """docs/settings.md offers LoRAs on the feed-forward layers and on the ResNet convolutions: their
     files hold those modules' keys and no others, and diffusers reloads them to the same outputs."""
-    pipe = tiny_sd_pipeline()
-    base = unet_output(pipe.unet)
-    state = add_random_lora(pipe.unet, targets=targets)
-    path = export_and_reload(tmp_path, fmt, state, base, unet_output(pipe.unet))
-    with safe_open(str(path), "pt") as f:
-        weights = [k for k in f.keys() if k.endswith(".weight")]
+    state, weights = reloaded_weight_keys(tmp_path, fmt, targets)
     kohya = [t.replace(".", "_") for t in targets]
     assert weights and all(any(t in k for t in (*targets, *kohya)) for k in weights), weights
     assert len(weights) == 2 * len([m for m in state if "lora_A" in m])
