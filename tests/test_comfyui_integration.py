@@ -150,6 +150,17 @@ def _lora(path):
         return list(f.keys()), f.metadata()
 
 
+def _sd15_modules(targets) -> dict:
+    """SD 1.5's UNet modules whose names end with one of ``targets``, built on the meta device."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from d3po_studio.core.loading import CONFIGS_DIR
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(CONFIGS_DIR / "sd1" / "unet"))
+    return {name: module for name, module in unet.named_modules() if name.endswith(tuple(targets))}
+
+
 def test_pack_loads_with_tooltips_workflows_and_script(comfy):
     info = _get(comfy["url"] + "/object_info")
     assert OUR_NODES <= set(info)
@@ -188,8 +199,8 @@ def test_loop_with_a_click_then_the_stock_lora_loader(comfy):
     loras = comfy["base"] / "models" / "loras" / "d3po"
     assert done["outputs"][EXPORT_NODE]["text"] == ["d3po/it-saved.safetensors"]   # named after the session
     from d3po_studio.core.config import Settings
-    # every default target in each of SD 1.5's 16 transformer blocks: lora_down, lora_up and alpha
-    modules = 16 * len(Settings().lora_targets)
+    # every SD 1.5 module that the default targets name: lora_down, lora_up and alpha
+    modules = len(_sd15_modules(Settings().lora_targets))
     for name in ("it.safetensors", "it-saved.safetensors"):
         keys, header = _lora(loras / name)
         assert len(keys) == 3 * modules and all(k.startswith("lora_unet_") for k in keys), (name, len(keys))
@@ -217,21 +228,14 @@ def test_stock_lora_loader_loads_a_feed_forward_or_resnet_lora_with_every_key(co
     their kohya exports, shaped for SD 1.5, load in the stock LoraLoader with every key, and the
     stock graph runs with them."""
     import torch
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
 
     from d3po_studio.core.export import export_lora
-    from d3po_studio.core.loading import CONFIGS_DIR
-    config = CONFIGS_DIR / "sd1" / "unet"
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config))
     generator = torch.Generator().manual_seed(0)
     state = {}
-    for name, module in unet.named_modules():
-        if name.endswith(targets):
-            out_features, in_features, *kernel = module.weight.shape        # a Conv2d has a kernel too
-            state[f"{name}.lora_A.weight"] = torch.randn(4, in_features, *kernel, generator=generator) * 0.01
-            state[f"{name}.lora_B.weight"] = torch.randn(out_features, 4, *[1] * len(kernel), generator=generator) * 0.01
+    for name, module in _sd15_modules(targets).items():
+        out_features, in_features, *kernel = module.weight.shape        # a Conv2d has a kernel too
+        state[f"{name}.lora_A.weight"] = torch.randn(4, in_features, *kernel, generator=generator) * 0.01
+        state[f"{name}.lora_B.weight"] = torch.randn(out_features, 4, *[1] * len(kernel), generator=generator) * 0.01
     blocks = 16 if targets[0].startswith("ff") else 22     # SD 1.5: transformer blocks / ResNet blocks
     assert len(state) == 2 * 2 * blocks
     folder = comfy["base"] / "models" / "loras" / "d3po"

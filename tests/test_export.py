@@ -196,9 +196,10 @@ def test_diffusers_header_carries_lora_config(tmp_path, trained):
     assert len(config["unet.target_modules"]) == len(state) // 2
 
 
-def test_sdxl_kohya_keys_map_and_reload(tmp_path):
+@pytest.mark.parametrize("targets", [TARGETS, ("conv1", "conv2")], ids=["attention", "conv"])
+def test_sdxl_kohya_keys_map_and_reload(tmp_path, targets):
     pipe = tiny_sdxl_pipeline()
-    state = add_random_lora(pipe.unet)
+    state = add_random_lora(pipe.unet, targets=targets)
     lora_out = unet_output(pipe.unet, sdxl=True)
     path = export_lora(state, tmp_path / "xl.safetensors", "kohya", rank=RANK, alpha=ALPHA, family="sdxl",
                        metadata=META)
