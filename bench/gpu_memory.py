@@ -99,6 +99,8 @@ VARIANTS = {
                               vae_slicing=True, decode=False, baseline="ours-vae-slicing"),
     "ours-adamw32": Variant({"optimizer": "adamw"}, True, "32-bit torch AdamW instead of the automatic choice"),
     "ours-sdpa": Variant({"attention": "sdpa"}, True, "torch SDPA attention (where the automatic choice is xformers)"),
+    "ours-conv": Variant({"lora_targets": ("conv1", "conv2")}, True,
+                         "the LoRA on the ResNet blocks' convolutions (lora_targets=conv1,conv2)"),
     "official": Variant({}, False, "official recipe: deep-copied reference UNet, no checkpointing, "
                                    "32-bit AdamW, classic attention, both images' graphs alive", official=True),
 }
@@ -106,6 +108,8 @@ ORDER = ["ours", "official", "ours-split", "ours-no-checkpointing", "ours-no-off
          "ours-vae-slicing", "ours-vae-tiling"]            # most needed first
 # Rows of the sampling alone (what they change is not used in an update).
 SAMPLING_ONLY = ("ours-vae-slicing", "ours-vae-tiling", "ours-encoders-off", "ours-no-decode")
+# Rows whose FLOPs are counted too: the update as shipped, and where the LoRA sits changes the compute.
+FLOP_ROWS = ("ours", "ours-conv")
 PLAN = {"sd1:512": ORDER, "sdxl:1024": ORDER, "sd2:768": ORDER, "sd1:1024": ["ours"]}
 
 
@@ -404,7 +408,7 @@ def run_plan(plan: dict[str, list[str]], log=print, on_result=None) -> list[dict
         family, size = key.split(":")
         for name in names:
             row = measure(family, int(size), name, sampling=name in ("ours", *SAMPLING_ONLY),
-                          count_flops=(name == "ours"), clicks=0 if name in SAMPLING_ONLY else 2)
+                          count_flops=name in FLOP_ROWS, clicks=0 if name in SAMPLING_ONLY else 2)
             log(f"{key} {name}: peak {report.gb(row.get('peak_bytes', row.get('sampling', {}).get('peak_bytes', 0)))}"
                 f" ({row['wall_seconds']:.0f} s)")
             results.append(row)

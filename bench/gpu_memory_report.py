@@ -98,7 +98,7 @@ def markdown(results: list[dict], command: str) -> str:
         rows = [r for r in results if f"{r['family']}:{r['size']}" == key]
         out += _memory_table(rows)
     out += _estimate_check(results)
-    out += _time_table([r for r in results if r["variant"] == "ours" and "flops_fixed" in r])
+    out += _time_table([r for r in results if "flops_fixed" in r])
     return "\n".join(out)
 
 
@@ -202,8 +202,10 @@ def _time_table(rows: list[dict]) -> list[str]:
         smp = r.get("sampling", {})
         full = update_flops(r, STEPS)
         k = max_kept_steps(r, 10.0)
-        table.append([_model(r),
-                      f"{smp.get('flops', 0) / 1e12:.1f}", f"{gpu_seconds(smp.get('flops', 0)):.1f}",
+        label = _model(r) + ("" if r["variant"] == "ours" else f", {r['variant']}")
+        table.append([label,
+                      *((f"{smp['flops'] / 1e12:.1f}", f"{gpu_seconds(smp['flops']):.1f}") if "flops" in smp
+                        else ("—", "—")),
                       f"{r['flops_per_kept_step'] / 1e12:.2f}", f"{full / 1e12:.1f}", f"{gpu_seconds(full):.1f}",
                       str(min(k, STEPS)), f"{min(1.0, k / STEPS):.2f}"])
     return out + [report.table(head, table), ""]

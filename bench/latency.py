@@ -34,17 +34,19 @@ MODEL_NOTES = {"embedded-random": " (the embedded model's architecture and sampl
                "tiny": " (the tiny test pipeline: a smoke run, not a figure to quote)"}
 
 
-def open_session(model: str, folder):
+def open_session(model: str, folder, **settings):
     """A session on ``model``: "embedded"; "embedded-random" (the embedded model's architecture and
     sampling defaults with random weights: the same compute, for when its weights are missing);
-    "tiny" (the tiny test pipeline, for smoke runs); or a model path."""
+    "tiny" (the tiny test pipeline, for smoke runs); or a model path. ``settings`` override the
+    defaults."""
     from ..core.session import Session
     if model == "tiny":
-        return Session.open(folder, model="tiny-sd1", pipeline=_pipeline(model), steps=10, guidance=4.0)
+        return Session.open(folder, model="tiny-sd1", pipeline=_pipeline(model),
+                            **{"steps": 10, "guidance": 4.0, **settings})
     if model == "embedded-random":
         from ..core.embedded import DEFAULTS
-        return Session.open(folder, model=model, pipeline=_pipeline(model), **DEFAULTS)
-    return Session.open(folder, model=model)
+        return Session.open(folder, model=model, pipeline=_pipeline(model), **{**DEFAULTS, **settings})
+    return Session.open(folder, model=model, **settings)
 
 
 @functools.lru_cache(maxsize=None)

@@ -31,6 +31,7 @@ from .report import table, write_section
 PLACEMENTS = {
     "attn1": ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"),
     "attn2": ("attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"),
+    "attn": ("to_q", "to_k", "to_v", "to_out.0"),     # every attention projection (the default before the fifteenth session)
     "ff": ("ff.net.0.proj", "ff.net.2"),
     "conv": ("conv1", "conv2"),
     "proj": ("proj_in", "proj_out"),

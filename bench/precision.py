@@ -99,6 +99,8 @@ def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu") -> lis
 
 def markdown(results: dict[str, list[dict]], model: str, device: str, guidance: float, command: str,
              landed: dict[str, list[float]] | None = None, rho: float | None = None) -> str:
+    from ..core.config import Settings
+    defaults = Settings()
     scales = next(iter(results.values()))
     headers = ["weights", "prediction"] + [f"s = {r['scale']:g}" for r in scales]
     rows = []
@@ -110,7 +112,8 @@ def markdown(results: dict[str, list[dict]], model: str, device: str, guidance: 
         "",
         f"Command: `{command.strip()}` ({datetime.date.today()}, torch {torch.__version__}). "
         f"Model: `{model}` on {device}; one trajectory of \"{PROMPT}\" (2 images, "
-        f"10 steps) sampled in float32; the default LoRA (rank 4, self-attention) with random weights "
+        f"10 steps) sampled in float32; the default LoRA (rank {defaults.lora_rank}, on "
+        f"{', '.join(defaults.lora_targets)}) with random weights "
         f"(sd {WEIGHT_STD}) moved by s times one random direction (sd {WEIGHT_STD}); RMS change of the "
         "prediction at the trust region's 3 probe steps against s = 0. In float32 the change grows with "
         "s; a change that stays the same as s shrinks is rounding, which the trust region's correction "
