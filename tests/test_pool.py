@@ -54,6 +54,35 @@ def test_two_sessions_on_one_pipeline_keep_separate_loras_bit_exactly(tmp_path):
     b.close()
 
 
+def test_sessions_whose_loras_sit_on_different_modules_share_a_pipeline_bit_exactly(tmp_path):
+    """An old session keeps the placement it was made with (lora_targets is fixed after its first
+    update), so one process may hold a self-attention LoRA and a ResNet one on the same UNet: each
+    session's LoRA trains exactly as it would alone, with the other's modules off in its passes."""
+    placements = {"a": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"], "b": ["conv1", "conv2"]}
+    expected = {}
+    for name, targets in placements.items():
+        alone = Session.open(tmp_path / f"alone-{name}", model="tiny", pipeline=tiny_pipeline("sd1"), **KW,
+                             lora_targets=targets)
+        for seed in (0, 1):
+            _click(alone, seed)
+        expected[name] = lora_state(alone.pipe.unet, alone.adapter)
+        alone.close()
+    pipe = tiny_pipeline("sd1")
+    a, b = (Session.open(tmp_path / n, model="tiny", pipeline=pipe, **KW, lora_targets=t) for n, t in placements.items())
+    assert a.pipe is b.pipe and a.adapter != b.adapter
+    _click(a, 0)
+    _click(b, 0)
+    _click(b, 1)
+    _click(a, 1)
+    for name, s in (("a", a), ("b", b)):
+        got = lora_state(pipe.unet, s.adapter)
+        assert got.keys() == expected[name].keys() and all(torch.equal(expected[name][k], got[k]) for k in got)
+        assert all(any(k.split(".lora_")[0].endswith(t) for t in placements[name]) for k in got)
+    b.close()
+    assert all(torch.equal(v, lora_state(pipe.unet, a.adapter)[k]) for k, v in expected["a"].items())
+    a.close()
+
+
 def test_the_reference_pass_switches_every_adapter_off(tiny_sd1):
     unet = tiny_sd1.unet
     base = _unet_out(unet)
