@@ -38,15 +38,17 @@ def lora_direction(params, seed: int) -> tuple[list[torch.Tensor], list[torch.Te
 
 
 @torch.no_grad()
-def measure(pipe, trajectory, guidance: float, scales=SCALES, seed: int = 1, device="cpu") -> list[dict]:
+def measure(pipe, trajectory, guidance: float, scales=SCALES, seed: int = 1, device="cpu",
+            targets=None) -> list[dict]:
     """Per scale s: the RMS change of the guided and of the conditional prediction at the probe
-    steps when the LoRA moves from its start by s·direction."""
+    steps when the LoRA (on ``targets``, default the Settings' default) moves from its start by
+    s·direction."""
     from ..core.config import Settings
     from ..core.lora import add_lora
     from ..core.trust_region import move_weights, predictions, probe_steps, rms_change
 
     s = Settings()
-    params = add_lora(pipe.unet, s.lora_rank, s.lora_alpha, s.lora_targets)
+    params = add_lora(pipe.unet, s.lora_rank, s.lora_alpha, targets or s.lora_targets)
     start, direction = lora_direction(params, seed)
     steps, images = probe_steps(len(trajectory.timesteps)), list(range(trajectory.latents.shape[1]))
 
@@ -63,7 +65,7 @@ def measure(pipe, trajectory, guidance: float, scales=SCALES, seed: int = 1, dev
     return rows
 
 
-def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu") -> list[float]:
+def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu", targets=None) -> list[float]:
     """Per click of a session on ``pipe`` (weights in ``dtype``): the true RMS change of the guided
     predictions at the trust region's probes (the session's LoRA before and after the click, moved
     into ``ref``, a float32 copy of the model with its own LoRA), divided by ρ."""
@@ -75,11 +77,12 @@ def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu") -> lis
     from ..core.trust_region import move_weights, predictions, probe_steps, rms_change
 
     d = Settings()
-    ref_lora = add_lora(ref.unet, d.lora_rank, d.lora_alpha, d.lora_targets)
+    targets = tuple(targets or d.lora_targets)
+    ref_lora = add_lora(ref.unet, d.lora_rank, d.lora_alpha, targets)
     ratios = []
     with tempfile.TemporaryDirectory() as folder, \
             Session.open(folder, model="bench", pipeline=pipe, dtype=dtype, device=device, optimizer="adamw",
-                         step_rms=rho, step_evidence=False, drift_budget=None) as s:
+                         step_rms=rho, step_evidence=False, drift_budget=None, lora_targets=targets) as s:
         steps = probe_steps(s.settings.steps)
 
         @torch.no_grad()
@@ -98,7 +101,7 @@ def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu") -> lis
 
 
 def markdown(results: dict[str, list[dict]], model: str, device: str, guidance: float, command: str,
-             landed: dict[str, list[float]] | None = None, rho: float | None = None) -> str:
+             landed: dict[str, list[float]] | None = None, rho: float | None = None, targets=None) -> str:
     from ..core.config import Settings
     defaults = Settings()
     scales = next(iter(results.values()))
@@ -112,8 +115,8 @@ def markdown(results: dict[str, list[dict]], model: str, device: str, guidance: 
         "",
         f"Command: `{command.strip()}` ({datetime.date.today()}, torch {torch.__version__}). "
         f"Model: `{model}` on {device}; one trajectory of \"{PROMPT}\" (2 images, "
-        f"10 steps) sampled in float32; the default LoRA (rank {defaults.lora_rank}, on "
-        f"{', '.join(defaults.lora_targets)}) with random weights "
+        f"10 steps) sampled in float32; a LoRA of rank {defaults.lora_rank} on "
+        f"{', '.join(targets or defaults.lora_targets)} with random weights "
         f"(sd {WEIGHT_STD}) moved by s times one random direction (sd {WEIGHT_STD}); RMS change of the "
         "prediction at the trust region's 3 probe steps against s = 0. In float32 the change grows with "
         "s; a change that stays the same as s shrinks is rounding, which the trust region's correction "
@@ -140,9 +143,11 @@ def main(argv=None) -> None:
     p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--clicks", type=int, default=0, help="also measure the trust region's landing over this many clicks")
     p.add_argument("--rho", type=float, default=0.003, help="the trust region's step_rms for --clicks")
+    p.add_argument("--lora-targets", help="comma-separated UNet modules for the LoRA (default: Settings' default)")
     p.add_argument("--doc", default=str(report.DEFAULT_PATH))
     p.add_argument("--no-docs", action="store_true")
     args = p.parse_args(argv)
+    targets = tuple(args.lora_targets.split(",")) if args.lora_targets else None
     from ..core.loading import load_pipeline
     from ..core.sampling import sample_trajectory
     from ..core.tiny import tiny_pipeline
@@ -159,17 +164,17 @@ def main(argv=None) -> None:
     results = {}
     for name in args.dtypes:
         pipe = ref if name == "float32" else load(getattr(torch, name))     # ref is float32 already
-        results[name] = measure(pipe, trajectory, args.guidance, device=args.device)
+        results[name] = measure(pipe, trajectory, args.guidance, device=args.device, targets=targets)
         print(name, ", ".join(f"s={r['scale']:g}: {r['guided']:.2g} / {r['cond']:.2g}" for r in results[name]),
               flush=True)
     landed = {}
     for name in args.dtypes if args.clicks else ():
         landed[name] = landing(load(getattr(torch, name)), load(torch.float32), name, args.rho, args.clicks,
-                               device=args.device)
+                               device=args.device, targets=targets)
         print(name, "landing", ", ".join(f"{r:.2f}" for r in landed[name]), flush=True)
     text = markdown(results, args.model, args.device, args.guidance,
                     "python -m d3po_studio.bench.precision " + " ".join(sys.argv[1:] if argv is None else argv),
-                    landed, args.rho)
+                    landed, args.rho, targets)
     if not args.no_docs:
         report.write_section("precision", text, args.doc)
     print(text)
