@@ -56,8 +56,9 @@ class Settings:
     # --- the LoRA -----------------------------------------------------------
     lora_rank: int = 4              # LoRA rank r
     lora_alpha: float = 4.0         # LoRA alpha; the update is scaled by alpha / r
-    # UNet module names (suffixes): the self-attention projections; "to_q", ... also takes cross-attention's
-    lora_targets: tuple[str, ...] = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
+    # UNet module names (suffixes): the ResNet blocks' two convolutions (docs/settings.md); the self-attention
+    # projections "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0" were the default before
+    lora_targets: tuple[str, ...] = ("conv1", "conv2")
     # --- runtime choices (each "auto" choice is logged once) -----------------
     dtype: str = "auto"             # frozen weights: auto = fp16 on CUDA/MPS, bf16 on a CPU that has it
     device: str = "auto"            # auto = cuda, then mps, then cpu
@@ -147,8 +148,9 @@ class Settings:
 # Fields whose default changed the update when they were added (or later): a session.json without
 # them was trained without them, and keeps training so when it is reopened. step_weight and
 # evidence_z became "x0" and 0.5 in the tenth session; a session.json written since either existed
-# stores its own value. beta and lora_targets (changed in the fifteenth session, with evidence_z to 2)
-# have been stored in every session.json since the first, so they need no entry here.
+# stores its own value. beta and lora_targets (changed in the fifteenth session, with evidence_z to 2;
+# lora_targets again in the twenty-second) have been stored in every session.json since the first,
+# so they need no entry here.
 ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None, "anchor_clicks": 0,
                "step_weight": "noise", "evidence_z": 0.0}
 # Settings that only change sampling, so a session may change them after its first update.

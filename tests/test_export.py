@@ -11,6 +11,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
+from d3po_studio.core.config import Settings
 from d3po_studio.core.errors import ConfigError
 from d3po_studio.core.export import EXPORT_FORMATS, export_lora, kohya_key_to_module
 from d3po_studio.core.loading import TOKENIZER_DIR
@@ -125,23 +126,13 @@ def test_reload_into_fresh_pipeline_matches(tmp_path, trained, fmt):
     export_and_reload(tmp_path, fmt, state, base, lora_out)
 
 
+@pytest.mark.parametrize("targets", [Settings().lora_targets, ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"),
+                                     ("ff.net.0.proj", "ff.net.2")], ids=["default", "self-attention", "ff"])
 @pytest.mark.parametrize("fmt", sorted(EXPORT_FORMATS))
-def test_the_default_self_attention_lora_reloads_with_every_key(tmp_path, fmt):
-    """The default LoRA sits on the self-attention projections only (attn1.*): its file holds
-    those keys and no others, and diffusers reloads it to the same outputs."""
-    from d3po_studio.core.config import Settings
-    targets = Settings().lora_targets
-    assert all(t.startswith("attn1.") for t in targets)
-    state, weights = reloaded_weight_keys(tmp_path, fmt, targets)
-    assert weights and all("attn1" in k for k in weights), [k for k in weights if "attn1" not in k]
-    assert len(weights) == 2 * len([m for m in state if "lora_A" in m])     # every module's up and down
-
-
-@pytest.mark.parametrize("targets", [("ff.net.0.proj", "ff.net.2"), ("conv1", "conv2")], ids=["ff", "conv"])
-@pytest.mark.parametrize("fmt", sorted(EXPORT_FORMATS))
-def test_a_feed_forward_or_resnet_lora_reloads_with_every_key(tmp_path, fmt, targets):
-    """docs/settings.md offers LoRAs on the feed-forward layers and on the ResNet convolutions: their
-    files hold those modules' keys and no others, and diffusers reloads them to the same outputs."""
+def test_the_default_and_the_offered_placements_reload_with_every_key(tmp_path, fmt, targets):
+    """The default LoRA and the other placements docs/settings.md offers (the self-attention
+    projections, the default before; the feed-forward layers): each file holds those modules' keys
+    and no others, and diffusers reloads it to the same outputs."""
     state, weights = reloaded_weight_keys(tmp_path, fmt, targets)
     kohya = [t.replace(".", "_") for t in targets]
     assert weights and all(any(t in k for t in (*targets, *kohya)) for k in weights), weights

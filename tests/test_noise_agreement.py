@@ -134,7 +134,7 @@ def test_placement_replay_reproduces_the_agreement_a_session_recorded(tmp_path, 
     from d3po_studio.core.tiny import tiny_pipeline
     cell = tmp_path / "v__brighter__n2__s0"
     with Session.open(cell / "session", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
-                      evidence_z=1000.0, seed=0) as s:
+                      evidence_z=1000.0, seed=0, lora_targets=placement.PLACEMENTS["attn1"]) as s:
         for i, prompt in enumerate(["a red circle", "a blue square", "a green triangle", "a red square",
                                     "a blue circle", "a green square"]):
             s.prefer(s.sample(prompt, n=2, seed=10 + i), best=i % 2)
