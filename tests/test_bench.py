@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from d3po_studio.bench import estimate, latency, memory, placement_cost, precision, report
+from d3po_studio.bench.placement import PLACEMENTS
 from d3po_studio.core.lora import add_lora
 from d3po_studio.core.sampling import sample_trajectory
 from d3po_studio.core.split import accumulate_d3po_gradients_split
@@ -123,7 +124,7 @@ def test_precision_sees_bfloat16s_rounding_floor_and_float32s_proportional_chang
     # on the self-attention LoRA: on this tiny shape the default ResNet LoRA's bf16 clicks overshoot
     # (docs/algorithm.md; tests/test_objectives.py checks the default's landing on the embedded model)
     precision.main(["--model", "tiny", "--dtypes", "float32", "bfloat16", "--doc", str(tmp_path / "b.md"),
-                    "--clicks", "1", "--lora-targets", "attn1.to_q,attn1.to_k,attn1.to_v,attn1.to_out.0"])
+                    "--clicks", "1", "--lora-targets", ",".join(PLACEMENTS["attn1"])])
     section = report.read_section("precision", tmp_path / "b.md")
     assert "on attn1.to_q, attn1.to_k, attn1.to_v, attn1.to_out.0 with random weights" in section
     rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): [float(x) for x in line.strip("|").split("|")[2:]]

@@ -11,6 +11,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 
+from d3po_studio.bench.placement import PLACEMENTS
 from d3po_studio.core.config import Settings
 from d3po_studio.core.errors import ConfigError
 from d3po_studio.core.export import EXPORT_FORMATS, export_lora, kohya_key_to_module
@@ -126,8 +127,8 @@ def test_reload_into_fresh_pipeline_matches(tmp_path, trained, fmt):
     export_and_reload(tmp_path, fmt, state, base, lora_out)
 
 
-@pytest.mark.parametrize("targets", [Settings().lora_targets, ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"),
-                                     ("ff.net.0.proj", "ff.net.2")], ids=["default", "self-attention", "ff"])
+@pytest.mark.parametrize("targets", [Settings().lora_targets, PLACEMENTS["attn1"], PLACEMENTS["ff"]],
+                         ids=["default", "self-attention", "ff"])
 @pytest.mark.parametrize("fmt", sorted(EXPORT_FORMATS))
 def test_the_default_and_the_offered_placements_reload_with_every_key(tmp_path, fmt, targets):
     """The default LoRA and the other placements docs/settings.md offers (the self-attention
@@ -187,7 +188,7 @@ def test_diffusers_header_carries_lora_config(tmp_path, trained):
     assert len(config["unet.target_modules"]) == len(state) // 2
 
 
-@pytest.mark.parametrize("targets", [TARGETS, ("conv1", "conv2")], ids=["attention", "conv"])
+@pytest.mark.parametrize("targets", [TARGETS, PLACEMENTS["conv"]], ids=["attention", "conv"])
 def test_sdxl_kohya_keys_map_and_reload(tmp_path, targets):
     pipe = tiny_sdxl_pipeline()
     state = add_random_lora(pipe.unet, targets=targets)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from d3po_studio.bench.placement import PLACEMENTS
 from d3po_studio.core.config import Settings
 from d3po_studio.core.diffusion_dpo import diffusion_dpo_loss, noised
 from d3po_studio.core.embedded import DEFAULTS as EMBEDDED_DEFAULTS, WEIGHTS_DIR
@@ -231,7 +232,7 @@ def test_rounding_floor_follows_the_weights_epsilon_and_the_guidance():
     assert rounding_floor(torch.float32, "cpu", 6.0) < 1e-6
 
 
-SELF_ATTENTION = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
+SELF_ATTENTION = PLACEMENTS["attn1"]
 
 
 def _landings(tmp_path, dtype: str, targets, rho: float, clicks: int = 2,

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from d3po_studio import Session
+from d3po_studio.bench.placement import PLACEMENTS
 from d3po_studio.core.errors import SessionError
 from d3po_studio.core.lora import add_lora, lora_disabled, lora_state
 from d3po_studio.core.pool import POOL, ModelPool
@@ -58,7 +59,7 @@ def test_sessions_whose_loras_sit_on_different_modules_share_a_pipeline_bit_exac
     """An old session keeps the placement it was made with (lora_targets is fixed after its first
     update), so one process may hold a self-attention LoRA and a ResNet one on the same UNet: each
     session's LoRA trains exactly as it would alone, with the other's modules off in its passes."""
-    placements = {"a": ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"], "b": ["conv1", "conv2"]}
+    placements = {"a": PLACEMENTS["attn1"], "b": PLACEMENTS["conv"]}
     expected = {}
     for name, targets in placements.items():
         alone = Session.open(tmp_path / f"alone-{name}", model="tiny", pipeline=tiny_pipeline("sd1"), **KW,
