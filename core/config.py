@@ -38,6 +38,7 @@ class Settings:
     step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
     drift_budget: float | None = 0.07  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
     anchor_clicks: int = 8          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
+    anchor_probes: int = 3          # trajectory steps at which each of those winners' drift is measured (1 = the middle step)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     evidence_z: float = 2.0         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
     gradient_part: str = "whole"    # "choice": train on only the part of a click's gradient its choice sets, not the pull to the base
@@ -87,6 +88,8 @@ class Settings:
                "use None (off) or a positive RMS change from the base such as 0.2")
         _check(math.isfinite(self.evidence_z) and self.evidence_z >= 0, "evidence_z", self.evidence_z,
                "use 0 (James–Stein's threshold) or a number of null standard deviations such as 1")
+        _check(self.anchor_probes >= 1, "anchor_probes", self.anchor_probes,
+               "use 1 or more (the steps of each earlier winner's trajectory the anchor measures)")
         _check(self.anchor_clicks >= 0, "anchor_clicks", self.anchor_clicks,
                "use 0 (the click's own images) or a number of earlier clicks such as 4")
         _check(self.logprob_pool >= 1, "logprob_pool", self.logprob_pool, "use 1 (off) or a pooling factor such as 4")

@@ -362,12 +362,12 @@ class Session:
                 choice = record.get("choice") or {}
                 if record.get("status") != "applied" or not ({"best", "ranking"} & set(choice)):
                     continue
-                key = (rid, guidance)
+                key = (rid, guidance, self.settings.anchor_probes)
                 if key not in self._anchors:
                     winner = choice["best"] if "best" in choice else choice["ranking"][0]
                     tensors = read_tensors(self.folder.round_dir(rid) / "trajectory.safetensors")
                     self._anchors[key] = Anchor.measure(self.pipe, Trajectory.from_tensors(tensors), [int(winner)],
-                                                        guidance, self.runtime.device)
+                                                        guidance, self.runtime.device, self.settings.anchor_probes)
                 found[key] = self._anchors[key]
             except (OSError, ValueError, KeyError, SessionError):      # a damaged round: pass it over
                 continue

@@ -25,7 +25,7 @@ from .lora import lora_disabled
 from .loss import d3po_loss
 from .sampling import Trajectory, make_scheduler
 from .errors import ConfigError
-from .update import accumulate_d3po_gradients, pair_slots, step_logprobs
+from .update import accumulate_d3po_gradients, pair_slots, seen_part, step_logprobs
 
 
 def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tuple[int, int]], *,
@@ -33,7 +33,7 @@ def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tu
                                     reduction: str, ratio_clip: float | None, device,
                                     weight: float = 1.0, progress=None,
                                     weighting: str = "none", pool: int | tuple[int, int] = 1,
-                                    part: str = "whole") -> dict[str, float]:
+                                    part: str = "whole", seen: dict | None = None) -> dict[str, float]:
     """Backward the D3PO loss of every kept step in ``steps``, one image's graph at a time.
 
     Gradients accumulate in the LoRA parameters, scaled by ``weight / len(steps)`` (as in the
@@ -48,8 +48,8 @@ def accumulate_d3po_gradients_split(pipe, trajectory: Trajectory, pairs: list[tu
         # 1. reference and policy log-probs of all images, no graph
         with torch.no_grad():
             with lora_disabled(unet):
-                ref = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
-            values = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
+                ref = step_logprobs(unet, scheduler, trajectory, k, images, **kw, seen=seen_part(seen, "base", k))
+            values = step_logprobs(unet, scheduler, trajectory, k, images, **kw, seen=seen_part(seen, "policy", k))
         # 2. coefficients ∂L/∂ℓ_j from the loss as a function of the log-prob values
         beta_k = beta * step_weight(scheduler, int(trajectory.timesteps[k]), eta, weighting)
         coefficients, metrics = loss_coefficients(values, ref, w, l, beta_k, ratio_clip, weight / len(steps), part)

@@ -11,18 +11,21 @@ own trajectory steps ("probes"). ρ (``Settings.step_rms``) is in units of the n
 which has unit variance on every model, so one setting carries over from the embedded model to
 SD 1.5 and SDXL. A LoRA's change is bilinear in its factors, so the change is measured at one
 more scale (the first guess, or where it clears the weights' rounding floor in fp16 and bf16)
-and s solves the quadratic through both (``TrustRegion.rescale``): three extra forwards without
-a graph per probe; the update itself is unchanged.
+and s solves the quadratic through both (``TrustRegion.rescale``); the update itself is unchanged.
+The predictions before the step (and the base's) are the ones the objective's own passes made at
+those steps (D3PO, guided as it samples: the default), so a click that steps adds one or two
+forwards without a graph per probe, after the step; a click without evidence adds none.
 
-An anchor to the base (``Settings.drift_budget``): the same probes are also run with the LoRA off,
+An anchor to the base (``Settings.drift_budget``): the same probes are also taken with the LoRA off,
 and the step is cut so that the predictions end no further than the budget B from the base's,
 RMS(f − f_ref) ≤ max(B, where they were): the step is projected onto a ball in function space
 around the base model (``anchored_scale``). Steps sideways or back toward the base stay allowed.
 With ``Settings.anchor_clicks`` = K the same ball also holds, each on its own, for the winners of
 the last K trained clicks (their prompts and trajectories): the step is cut at the first of them
 to reach the edge, so the budget bounds the drift on every recent prompt, not only on this one.
-Their base predictions never change, so each is measured once (``Anchor``); their probes run in
-batches, and not at all after the step once it is already cut to nothing.
+Their base predictions never change, so each is measured once (``Anchor``), at
+``Settings.anchor_probes`` of its steps; their probes run in batches, before the step and after
+it (not at all after it once the step is already cut to nothing).
 """
 from __future__ import annotations
 
@@ -40,9 +43,12 @@ PROBES = 3   # trajectory steps at which the change of the predictions is measur
 
 
 def probe_steps(num_steps: int, count: int = PROBES) -> list[int]:
-    """``count`` step indices spread evenly over a trajectory of ``num_steps`` steps, ends included."""
+    """``count`` step indices spread evenly over a trajectory of ``num_steps`` steps, ends included
+    (one: the middle step)."""
     if num_steps <= count:
         return list(range(num_steps))
+    if count == 1:
+        return [round((num_steps - 1) / 2)]
     return sorted({round(i * (num_steps - 1) / (count - 1)) for i in range(count)})
 
 
@@ -148,8 +154,10 @@ class Anchor:
     base: list[torch.Tensor]
 
     @classmethod
-    def measure(cls, pipe, trajectory: Trajectory, images: list[int], guidance: float, device) -> "Anchor":
-        steps = probe_steps(len(trajectory.timesteps))
+    def measure(cls, pipe, trajectory: Trajectory, images: list[int], guidance: float, device,
+                probes: int = PROBES) -> "Anchor":
+        """``probes``: how many of its trajectory's steps are probed (``probe_steps``)."""
+        steps = probe_steps(len(trajectory.timesteps), probes)
         with lora_disabled(pipe.unet):
             base = predictions(pipe, trajectory, steps, images, guidance, device)
         return cls(trajectory, list(images), steps, base)
@@ -185,6 +193,13 @@ def anchor_predictions(pipe, anchors: list[Anchor], guidance: float, device,
     return out
 
 
+def _reuse(seen: dict | None, steps: list[int]) -> list[torch.Tensor] | None:
+    """The predictions ``seen`` holds at every one of ``steps``, in order; None if any is missing."""
+    if not seen or any(k not in seen for k in steps):
+        return None
+    return [seen[k] for k in steps]
+
+
 def move_weights(params, start: list[torch.Tensor], delta: list[torch.Tensor], scale: float) -> None:
     """Set the weights to start + scale·delta, in place."""
     for p, p0, d in zip(params, start, delta):
@@ -208,16 +223,23 @@ class TrustRegion:
     earlier: list[list[torch.Tensor]] | None = None     # the anchors' predictions before the step
 
     @classmethod
-    def before_step(cls, pipe, trajectory: Trajectory, pairs, s, params, device, anchors=()) -> "TrustRegion":
-        """``anchors``: earlier clicks' ``Anchor``s, whose drift the budget also bounds."""
+    def before_step(cls, pipe, trajectory: Trajectory, pairs, s, params, device, anchors=(),
+                    seen: dict | None = None) -> "TrustRegion":
+        """``anchors``: earlier clicks' ``Anchor``s, whose drift the budget also bounds. ``seen``:
+        the predictions the objective's passes already made with the weights as they are (see
+        core/objectives.py), used instead of running them again when they cover every probe step."""
         steps = probe_steps(len(trajectory.timesteps))
         images = pair_slots(pairs, device)[0]
-        outputs = predictions(pipe, trajectory, steps, images, s.guidance, device)
+        seen = seen or {}
+        outputs = (_reuse(seen.get("policy"), steps)
+                   or predictions(pipe, trajectory, steps, images, s.guidance, device))
         anchors = tuple(anchors) if s.drift_budget is not None else ()
         base = None
         if s.drift_budget is not None:
-            with lora_disabled(pipe.unet):
-                base = predictions(pipe, trajectory, steps, images, s.guidance, device)
+            base = _reuse(seen.get("base"), steps)
+            if base is None:
+                with lora_disabled(pipe.unet):
+                    base = predictions(pipe, trajectory, steps, images, s.guidance, device)
         earlier = anchor_predictions(pipe, list(anchors), s.guidance, device) if anchors else None
         return cls([p.detach().clone() for p in params], outputs, trajectory, steps, images, s.guidance, device,
                    base, s.drift_budget, anchors, earlier)
@@ -286,13 +308,6 @@ class TrustRegion:
         move_weights(params, self.weights, delta, scale)
         metrics["step_scale"] = scale
         return metrics
-
-    @torch.no_grad()
-    def undo(self, params) -> dict[str, float]:
-        """Take the step back entirely (a step of size 0), without measuring it."""
-        for p, p0 in zip(params, self.weights):
-            p.copy_(p0)
-        return {"step_rms_raw": 0.0, "step_scale": 0.0}
 
 
 # ---------------------------------------------------------------- evidence (Settings.step_evidence)

@@ -34,13 +34,18 @@ def steps_to_train(trajectory: Trajectory, scheduler, eta: float, fraction: floa
 
 
 def step_logprobs(unet, scheduler, trajectory: Trajectory, k: int, images: list[int], *,
-                  guidance: float, eta: float, reduction: str, device, pool: int | tuple[int, int] = 1) -> torch.Tensor:
-    """log π(x_{t-1} | x_t) at kept step k for the given images, with the UNet as it is now."""
+                  guidance: float, eta: float, reduction: str, device, pool: int | tuple[int, int] = 1,
+                  seen: dict | None = None) -> torch.Tensor:
+    """log π(x_{t-1} | x_t) at kept step k for the given images, with the UNet as it is now.
+    ``seen``: a dict that also gets the (guided) prediction behind them, detached on the CPU, as
+    ``seen[k]``."""
     x_t = trajectory.latents[k, images].to(device, torch.float32)
     x_prev = trajectory.latents[k + 1, images].to(device, torch.float32)
     cond = {key: v.to(device) for key, v in trajectory.cond.items()}
     t = int(trajectory.timesteps[k])
     eps = predict_noise(unet, x_t, t, cond, guidance)
+    if seen is not None:
+        seen[k] = eps.detach().cpu()
     _, logp = ddim_step_with_logprob(scheduler, eps, t, x_t, eta, prev_sample=x_prev, reduction=reduction, pool=pool)
     return logp
 
@@ -49,14 +54,17 @@ def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[in
                               steps: list[int], beta: float, guidance: float, eta: float,
                               reduction: str, ratio_clip: float | None, device,
                               weight: float = 1.0, progress=None, weighting: str = "none",
-                              pool: int | tuple[int, int] = 1, part: str = "whole") -> dict[str, float]:
+                              pool: int | tuple[int, int] = 1, part: str = "whole",
+                              seen: dict | None = None) -> dict[str, float]:
     """Backward the D3PO loss of every kept step in ``steps``, one step's graph at a time.
 
     Gradients accumulate in the LoRA parameters, scaled by ``weight / len(steps)`` so that the
     total is ``weight`` × the loss averaged over steps and pairs. ``weighting`` scales each step's
     log-ratios (``core.logprob.step_weight``: "x0", "noise" or the official "none"), i.e. step k uses
     β·w_k. ``pool`` > 1 scores the r×r-pooled steps (``ddim_step_with_logprob``). ``part``: the
-    whole gradient or the choice's part of it (``core.loss.preference_loss``). Returns averaged metrics.
+    whole gradient or the choice's part of it (``core.loss.preference_loss``). ``seen``: a dict
+    whose ``"policy"`` and ``"base"`` dicts get the predictions for the pairs' images at the steps
+    of its ``"steps"`` (``step_logprobs``), for the trust region to reuse. Returns averaged metrics.
     """
     unet = pipe.unet
     scheduler = make_scheduler(pipe, len(trajectory.timesteps))
@@ -66,9 +74,9 @@ def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[in
     for i, k in enumerate(steps):
         # 1. reference log-probs: same UNet, LoRA off, no graph
         with torch.no_grad(), lora_disabled(unet):
-            ref = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
+            ref = step_logprobs(unet, scheduler, trajectory, k, images, **kw, seen=seen_part(seen, "base", k))
         # 2. policy log-probs with the graph of this step only
-        logp = step_logprobs(unet, scheduler, trajectory, k, images, **kw)
+        logp = step_logprobs(unet, scheduler, trajectory, k, images, **kw, seen=seen_part(seen, "policy", k))
         # 3. loss of this step, backward now (frees the graph before the next step)
         beta_k = beta * step_weight(scheduler, int(trajectory.timesteps[k]), eta, weighting)
         loss, metrics = d3po_loss(logp[w], logp[l], ref[w], ref[l], beta_k, ratio_clip, part)
@@ -78,6 +86,12 @@ def accumulate_d3po_gradients(pipe, trajectory: Trajectory, pairs: list[tuple[in
         if progress:
             progress(i + 1, len(steps))
     return totals
+
+
+def seen_part(seen: dict | None, name: str, k: int) -> dict | None:
+    """Where step k's predictions of the pass ``name`` are to be left: ``seen[name]`` (made if
+    missing), if ``seen`` asks for step k (its ``"steps"``); else None."""
+    return seen.setdefault(name, {}) if seen is not None and k in seen.get("steps", ()) else None
 
 
 def pair_slots(pairs: list[tuple[int, int]], device):
@@ -133,13 +147,15 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     """
     from .objectives import get_objective
     from .trust_region import (Evidence, TrustRegion, add_click, agreement, evidence_scale, evidence_step,
-                               unit_gradient)
+                               probe_steps, unit_gradient)
     generator = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
     with offload_for_update(pipe, device):   # text encoders and VAE off the accelerator meanwhile
         objective = get_objective(s.objective)
         total = len(pairs) + sum(len(p) for _, p in extra)
+        # the objective's predictions at the trust region's probes, for it to reuse
+        passes: dict = {"steps": set(probe_steps(len(traj.timesteps)))}
         metrics = objective(pipe, traj, pairs, s, device=device, generator=generator, progress=progress,
-                            weight=len(pairs) / total)
+                            weight=len(pairs) / total, seen=passes)
         for more, more_pairs in extra:
             more_metrics = objective(pipe, more, more_pairs, s, device=device, generator=generator,
                                      weight=len(more_pairs) / total)
@@ -156,15 +172,18 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
         metrics["evidence_scale"] = scale
         if seen.count:      # the agreement and its null per click, for the study (bench/agreement.py)
             metrics["evidence_power"], metrics["evidence_null_sd"] = (v / seen.count for v in agreed)
-        # a click without evidence takes no step, so the earlier clicks' probes would go unused
-        region = (TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors if scale > 0 else ())
-                  if measured else None)
-        grad_norm = evidence_step(params, optimizer, seen, s.lr if s.step_rms is not None else s.lr * scale)
+        # a click without evidence takes no step, so it has nothing for the trust region to measure
+        region = (TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors, passes)
+                  if measured and scale > 0 else None)
+        lr = (s.lr if s.step_rms is not None else s.lr * scale) if scale > 0 else 0.0
+        grad_norm = evidence_step(params, optimizer, seen, lr)
         if region is not None:       # a target of None keeps the step's size (the anchor alone)
             target = s.step_rms * scale if s.step_rms is not None else None
-            metrics.update(region.rescale(pipe, params, target) if scale > 0 else region.undo(params))
+            metrics.update(region.rescale(pipe, params, target))
+        elif measured:
+            metrics.update(step_rms_raw=0.0, step_scale=0.0)
     else:
-        region = TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors) if measured else None
+        region = TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors, passes) if measured else None
         grad_norm = apply_gradients(params, optimizer, s.grad_clip)
         if region is not None:
             metrics.update(region.rescale(pipe, params, s.step_rms))

@@ -153,3 +153,54 @@ def test_each_earlier_click_is_measured_once(tmp_path, tiny_sd1, monkeypatch):
     assert len(measured) == 4               # clicks 1–4 each became an anchor once (click 5 never did)
     assert len({id(t) for t in measured}) == 4
     assert "drift_rms_earlier" in report
+
+
+@pytest.mark.parametrize("backward, dtype", [("joint", "float32"), ("split", "float32"), ("joint", "bfloat16")])
+def test_the_trust_region_reuses_the_objectives_passes_exactly(tmp_path, tiny_sd1, backward, dtype):
+    """The predictions before a step and the base's, at the probes, are the ones the D3PO passes
+    already made: a click that steps lands bit for bit where it lands when the trust region runs
+    them itself, with two sets of probe forwards fewer; a click without evidence runs none. (The
+    policy pass of the joint backward has a graph and checkpoints its activations; its forward is
+    still the same computation, also in bfloat16 on this CPU.)"""
+    from unittest import mock
+
+    from d3po_studio import Session
+    from d3po_studio.core import objectives, trust_region
+    real = objectives.OBJECTIVES["d3po"]
+    results = {}
+    for name, objective in (("reused", real), ("run again", lambda *a, seen=None, **k: real(*a, **k))):
+        calls = []
+
+        def counted(pipe, trajectory, steps, images, *a, **k):
+            if len(images) == 2:       # the click's own probes (an earlier winner is measured on its one image)
+                calls.append(steps)
+            return predictions(pipe, trajectory, steps, images, *a, **k)
+        with mock.patch.dict(objectives.OBJECTIVES, {"d3po": objective}), \
+                mock.patch.object(trust_region, "predictions", counted), \
+                Session.open(tmp_path / name, model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype=dtype,
+                             step_rms=0.01, drift_budget=0.05, backward=backward, evidence_z=0.0) as s:
+            first = s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
+            assert first["evidence_scale"] == 0.0 and first["step_scale"] == 0.0 and calls == []
+            u = s._train.evidence.total.clone()       # the same batch again, with evidence: it steps
+            s._train.evidence.total, s._train.evidence.count = 3 * u, 3
+            report = s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
+            results[name] = (report, [p.detach().clone() for p in s.params], len(calls))
+    (reused, lora, n_reused), (again, lora_again, n_again) = results["reused"], results["run again"]
+    measured = {"seconds", "peak_memory_bytes", "added_memory_bytes"}     # of the machine, not the click
+    assert reused["step_scale"] > 0
+    assert {k: v for k, v in reused.items() if k not in measured} == {k: v for k, v in again.items() if k not in measured}
+    assert all(torch.equal(p, q) for p, q in zip(lora, lora_again))
+    assert n_again == n_reused + 2 and n_reused in (1, 2, 3)     # after the step, and at 0–2 more scales
+
+
+def test_anchor_probes_sets_how_many_steps_of_each_earlier_winner_are_measured(tmp_path, tiny_sd1):
+    """anchor_probes=1: each earlier winner is probed at its trajectory's middle step only (the
+    middle one of the three the default probes), and the bound still holds on it."""
+    from d3po_studio import Session
+    assert probe_steps(10, 1) == [4] and probe_steps(10) == [0, 4, 9] and probe_steps(1, 1) == [0]
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=5, dtype="float32",
+                      optimizer="adamw", step_rms=0.02, drift_budget=0.05, anchor_clicks=2, anchor_probes=1,
+                      step_evidence=False, logprob_grid=0) as s:
+        for seed in range(3):
+            report = s.prefer(s.sample("a red circle", n=2, seed=seed), best=seed % 2)
+        assert [a.steps for a in s._anchors.values()] == [[2], [2]] and "drift_rms_earlier" in report
