@@ -3,7 +3,7 @@ writes its rows (into a temporary markdown file, never docs/benchmarks.md)."""
 import pytest
 import torch
 
-from d3po_studio.bench import estimate, latency, memory, placement_cost, precision, report
+from d3po_studio.bench import estimate, latency, memory, placement_cost, precision, report, update_cost
 from d3po_studio.bench.placement import PLACEMENTS
 from d3po_studio.core.lora import add_lora
 from d3po_studio.core.sampling import sample_trajectory
@@ -116,6 +116,31 @@ def test_placement_cost_times_a_session_at_its_placement_and_takes_ratios_within
     assert placement_cost.ratios(rounds, "floor") == {"attn1": 1.0, "conv": pytest.approx(1.2)}
     text = placement_cost.markdown(rounds, "tiny", 1, "cmd")
     assert "conv1, conv2" in text and "| 1 | 3.00 | 1.20× | 1.20 | 1.20× |" in text
+
+
+def test_update_cost_times_each_variant_on_the_same_clicks_and_splits_stepping_ones(tmp_path):
+    variants = {"filed": update_cost.FILED, "default": {}}
+    sessions = update_cost.open_sessions("tiny", variants, tmp_path)
+    try:
+        assert sessions["filed"].settings.step_evidence is False and sessions["default"].settings.step_evidence
+        assert sessions["filed"].pipe is sessions["default"].pipe          # one loaded model
+        rows = update_cost.measure(sessions, clicks=2, n=2)
+    finally:
+        for session in sessions.values():
+            session.close()
+    assert [row["click"] for row in rows] == [1, 2] and all(row["filed"]["stepped"] for row in rows)
+    assert rows[0]["default"]["stepped"] is False       # one click cannot agree with anything
+    assert all(row[name]["seconds"] > 0 for row in rows for name in variants)
+    timed = lambda s, stepped: {"seconds": s, "stepped": stepped}   # noqa: E731
+    rows = [{"click": 1, "filed": timed(2.0, True), "default": timed(2.2, False)},    # warm-up: not counted
+            {"click": 3, "filed": timed(2.0, True), "default": timed(3.0, True)},
+            {"click": 4, "filed": timed(4.0, True), "default": timed(5.0, True)}]
+    rows.insert(1, {"click": 2, "filed": timed(2.0, True), "default": timed(2.4, False)})
+    assert update_cost.ratios(rows, "default", "filed", 3) == {"stepped": [1.5, 1.25], "no step": [pytest.approx(1.2)]}
+    assert update_cost.ratios(rows, "default", "filed", 4) == {"stepped": [1.25], "no step": [pytest.approx(1.2)]}
+    text = update_cost.markdown(rows, variants, "filed", 3, 2, "bfloat16", "cmd")
+    assert "| default | today's defaults | 4.00 | 1.38× (1.25–1.50, 2 clicks) | 1.20× (1.20–1.20, 1 click) |" in text
+    assert "`lora_targets=to_q,to_k,to_v,to_out.0`" in text
 
 
 def test_precision_sees_bfloat16s_rounding_floor_and_float32s_proportional_change(tmp_path):
