@@ -38,7 +38,7 @@ class Settings:
     step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
     drift_budget: float | None = 0.07  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
     anchor_clicks: int = 8          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
-    anchor_probes: int = 3          # trajectory steps at which each of those winners' drift is measured (1 = the middle step)
+    anchor_probes: int = 1          # trajectory steps at which each of those winners' drift is measured (1: the middle step)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     evidence_z: float = 2.0         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
     gradient_part: str = "whole"    # "choice": train on only the part of a click's gradient its choice sets, not the pull to the base
@@ -153,9 +153,10 @@ class Settings:
 # evidence_z became "x0" and 0.5 in the tenth session; a session.json written since either existed
 # stores its own value. beta and lora_targets (changed in the fifteenth session, with evidence_z to 2;
 # lora_targets again in the twenty-second) have been stored in every session.json since the first,
-# so they need no entry here.
+# so they need no entry here. anchor_probes came in the twenty-third session with 3 (every session
+# before probed its earlier winners at three steps) and became 1 in the same session.
 ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None, "anchor_clicks": 0,
-               "step_weight": "noise", "evidence_z": 0.0}
+               "step_weight": "noise", "evidence_z": 0.0, "anchor_probes": 3}
 # Settings that only change sampling, so a session may change them after its first update.
 SAMPLING_FIELDS = ("steps", "guidance", "eta", "height", "width")
 # Settings fixed once a LoRA exists (they define its shape or its optimizer).

@@ -200,6 +200,7 @@ def test_a_stored_session_keeps_the_update_it_was_trained_with():
     assert Settings.stored(old).drift_budget is None and Settings().drift_budget is not None
     assert Settings.stored(old).evidence_z == 0.0 and Settings().evidence_z == 2.0
     assert Settings.stored(old).step_weight == "noise" and Settings().step_weight == "x0"
+    assert Settings.stored(old).anchor_probes == 3 and Settings().anchor_probes == 1   # 23rd session
     assert Settings.stored(Settings().to_dict()) == Settings()
 
 
