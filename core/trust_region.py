@@ -13,7 +13,7 @@ SD 1.5 and SDXL. A LoRA's change is bilinear in its factors, so the change is me
 more scale (the first guess, or where it clears the weights' rounding floor in fp16 and bf16)
 and s solves the quadratic through both (``TrustRegion.rescale``); the update itself is unchanged.
 The predictions before the step (and the base's) are the ones the objective's own passes made at
-those steps (D3PO, guided as it samples: the default), so a click that steps adds one or two
+those steps (D3PO, guided as it samples: the default), so a click that steps adds one to three
 forwards without a graph per probe, after the step; a click without evidence adds none.
 
 An anchor to the base (``Settings.drift_budget``): the same probes are also taken with the LoRA off,
