@@ -198,8 +198,9 @@ def test_the_trust_region_reuses_the_objectives_passes_exactly(tmp_path, tiny_sd
 
 
 def test_anchor_probes_sets_how_many_steps_of_each_earlier_winner_are_measured(tmp_path, tiny_sd1):
-    """anchor_probes=1: each earlier winner is probed at its trajectory's middle step only (the
-    middle one of the three the default probes), and the bound still holds on it."""
+    """anchor_probes=1 (the default): each earlier winner is probed at its trajectory's middle step
+    only, the middle one of the three that sessions before the twenty-third probed; the click's
+    report has the earlier winners' drift measured there."""
     from d3po_studio import Session
     assert probe_steps(10, 1) == [4] and probe_steps(10) == [0, 4, 9] and probe_steps(1, 1) == [0]
     with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=5, dtype="float32",
