@@ -65,10 +65,13 @@ def measure(pipe, trajectory, guidance: float, scales=SCALES, seed: int = 1, dev
     return rows
 
 
-def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu", targets=None) -> list[float]:
+def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu", targets=None, *, model: str = "bench",
+            prompt: str = PROMPT, best=lambda click: click % 2, **settings) -> list[tuple[float, dict]]:
     """Per click of a session on ``pipe`` (weights in ``dtype``): the true RMS change of the guided
     predictions at the trust region's probes (the session's LoRA before and after the click, moved
-    into ``ref``, a float32 copy of the model with its own LoRA), divided by ρ."""
+    into ``ref``, a float32 copy of the model with its own LoRA), divided by ρ, and the click's
+    report. Click c samples ``prompt`` with seed c and prefers image ``best(c)``; ``settings``
+    override the session's."""
     import tempfile
 
     from ..core.config import Settings
@@ -81,8 +84,8 @@ def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu", target
     ref_lora = add_lora(ref.unet, d.lora_rank, d.lora_alpha, targets)
     ratios = []
     with tempfile.TemporaryDirectory() as folder, \
-            Session.open(folder, model="bench", pipeline=pipe, dtype=dtype, device=device, optimizer="adamw",
-                         step_rms=rho, step_evidence=False, drift_budget=None, lora_targets=targets) as s:
+            Session.open(folder, model=model, pipeline=pipe, dtype=dtype, device=device, optimizer="adamw",
+                         step_rms=rho, step_evidence=False, drift_budget=None, lora_targets=targets, **settings) as s:
         steps = probe_steps(s.settings.steps)
 
         @torch.no_grad()
@@ -91,12 +94,12 @@ def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu", target
             return predictions(ref, trajectory, steps, [0, 1], s.settings.guidance, device)
 
         for click in range(clicks):
-            batch = s.sample(PROMPT, n=2, seed=click)
+            batch = s.sample(prompt, n=2, seed=click)
             before = [p.detach().float().clone() for p in s.params]
-            s.prefer(batch, best=click % 2)
+            report = s.prefer(batch, best=best(click))
             after = [p.detach().float().clone() for p in s.params]
-            ratios.append(rms_change(true_predictions(before, batch.trajectory),
-                                     true_predictions(after, batch.trajectory)) / rho)
+            ratios.append((rms_change(true_predictions(before, batch.trajectory),
+                                      true_predictions(after, batch.trajectory)) / rho, report))
     return ratios
 
 
@@ -169,8 +172,8 @@ def main(argv=None) -> None:
               flush=True)
     landed = {}
     for name in args.dtypes if args.clicks else ():
-        landed[name] = landing(load(getattr(torch, name)), load(torch.float32), name, args.rho, args.clicks,
-                               device=args.device, targets=targets)
+        landed[name] = [ratio for ratio, _ in landing(load(getattr(torch, name)), load(torch.float32), name, args.rho,
+                                                      args.clicks, device=args.device, targets=targets)]
         print(name, "landing", ", ".join(f"{r:.2f}" for r in landed[name]), flush=True)
     text = markdown(results, args.model, args.device, args.guidance,
                     "python -m d3po_studio.bench.precision " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -35,10 +35,9 @@ def test_anchored_scale_against_hand_numbers():
     assert anchored_scale(_t(0.5, 0.5), _t(0, 0), 0.4, 0.3) == 0.4
 
 
-def _drift(s, batch, count=3):
-    """RMS of (predictions − the base's) on the batch's trajectory, at the trust region's probes
-    (``count`` of them)."""
-    probes = probe_steps(len(batch.trajectory.timesteps), count)
+def _drift(s, batch):
+    """RMS of (predictions − the base's) on the batch's trajectory, at the trust region's probes."""
+    probes = probe_steps(len(batch.trajectory.timesteps))
     now = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
     with lora_disabled(s.pipe.unet):
         base = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
@@ -94,7 +93,6 @@ def test_anchor_clicks_bound_the_earlier_prompts_too(tmp_path, family):
     first prompt's drift stays at the budget at the steps where it is probed (three here, as the
     click's own images are; the default's one, the middle step, drifted only 0.02 on this tiny
     model where the three drifted past 0.065); with the click's own images only, it passes it."""
-    probes = 3
     from d3po_studio import Session
     from d3po_studio.core.tiny import tiny_pipeline
     pipe, budget = tiny_pipeline(family), 0.05
@@ -102,13 +100,13 @@ def test_anchor_clicks_bound_the_earlier_prompts_too(tmp_path, family):
     for name, k in (("own", 0), ("earlier", 10)):
         with Session.open(tmp_path / name, model=f"tiny-{family}", pipeline=pipe, steps=4, dtype="float32",
                           optimizer="adamw", step_rms=0.02, drift_budget=budget, anchor_clicks=k,
-                          anchor_probes=probes, step_evidence=False, logprob_grid=0) as s:
+                          anchor_probes=3, step_evidence=False, logprob_grid=0) as s:
             for _ in range(4):                   # the first prompt, up to the budget
                 first = s.sample("a red circle", n=2, seed=0)
                 s.prefer(first, best=1)
             for seed in range(6):                # then another prompt, far from the budget itself
                 reports[name] = s.prefer(s.sample("a blue square", n=2, seed=100 + seed), best=seed % 2)
-            drifts[name] = _drift(s, first, probes)
+            drifts[name] = _drift(s, first)
     assert drifts["own"] > 1.3 * budget
     assert drifts["earlier"] == pytest.approx(budget, rel=0.15)
     assert reports["earlier"]["drift_rms_earlier"] > 0 and "drift_rms_earlier" not in reports["own"]

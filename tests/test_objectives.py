@@ -20,7 +20,7 @@ from d3po_studio.core.logprob import output_coefficient, step_coefficients, step
 from d3po_studio.core.lora import add_lora
 from d3po_studio.core.sampling import make_scheduler, sample_trajectory
 from d3po_studio.core.tiny import SCHEDULER, tiny_pipeline
-from d3po_studio.core.trust_region import (move_weights, predictions, probe_steps, quadratic_scale, quadratic_terms,
+from d3po_studio.core.trust_region import (predictions, probe_steps, quadratic_scale, quadratic_terms,
                                            rms_change, rounding_floor)
 from d3po_studio.core.update import accumulate_d3po_gradients
 
@@ -235,60 +235,39 @@ def test_rounding_floor_follows_the_weights_epsilon_and_the_guidance():
 SELF_ATTENTION = PLACEMENTS["attn1"]
 
 
-def _landings(tmp_path, dtype: str, targets, rho: float, clicks: int = 2,
+def _landings(dtype: str, targets, rho: float, clicks: int = 2,
               model: str = "tiny-sd1") -> list[tuple[float, dict]]:
     """Each click's true change of the predictions ÷ ρ, measured on a float32 copy of the model with
-    the same LoRA weights, for a session in ``dtype`` on ``model`` ("tiny-sd1" or "embedded"); with
-    its report."""
-    from d3po_studio import Session
+    the same LoRA weights (bench/precision.py's ``landing``), for a session in ``dtype`` on ``model``
+    ("tiny-sd1" or "embedded"), 6 steps, image 1 preferred; with its report."""
+    from d3po_studio.bench.precision import landing
     from d3po_studio.core.loading import load_pipeline
     build = (lambda: tiny_pipeline("sd1")) if model == "tiny-sd1" else (lambda: load_pipeline(model))
-    pipe = build().to("cpu", getattr(torch, dtype))
-    mirror = build()
-    d = Settings()
-    mirror_lora = add_lora(mirror.unet, d.lora_rank, d.lora_alpha, targets)
-    probes = probe_steps(6)
-
-    def true_predictions(weights, trajectory, guidance):
-        with torch.no_grad():
-            move_weights(mirror_lora, weights, weights, 0.0)
-        return predictions(mirror, trajectory, probes, [0, 1], guidance, "cpu")
-
-    out = []
-    with Session.open(tmp_path / "s", model=model, pipeline=pipe, steps=6, dtype=dtype, optimizer="adamw",
-                      step_rms=rho, step_evidence=False, drift_budget=None, lora_targets=targets) as s:
-        for click in range(clicks):
-            batch = s.sample("a red circle", n=2, seed=click)
-            before = [p.detach().float().clone() for p in s.params]
-            report = s.prefer(batch, best=1)
-            after = [p.detach().float().clone() for p in s.params]
-            moved = rms_change(true_predictions(before, batch.trajectory, s.settings.guidance),
-                               true_predictions(after, batch.trajectory, s.settings.guidance))
-            out.append((moved / rho, report))
-    return out
+    return landing(build().to("cpu", getattr(torch, dtype)), build(), dtype, rho, clicks, targets=targets,
+                   model=model, prompt="a red circle", best=lambda click: 1, steps=6)
 
 
 @pytest.mark.parametrize("dtype, tolerance", [("float16", 0.05), ("bfloat16", 0.35)])
-def test_a_click_in_low_precision_moves_the_predictions_by_step_rms(tmp_path, dtype, tolerance):
+def test_a_click_in_low_precision_moves_the_predictions_by_step_rms(dtype, tolerance):
     """In fp16 and bf16 any LoRA move changes the predictions by a floor of rounding (bench/precision.py),
     so a trust region that measured its step where the step is smaller than that floor took the
     rounding for the step and moved the model by 0.40–0.56 ρ (fp16) and 0.01–0.02 ρ (bf16) here.
     The true change, measured on a float32 copy of the model with the same LoRA weights, is ρ. On
     the self-attention LoRA a step of ρ = 0.003 is below the floor, so the click takes the
     two-sided probe path."""
-    for click, (landed, report) in enumerate(_landings(tmp_path, dtype, SELF_ATTENTION, 0.003)):
+    for click, (landed, report) in enumerate(_landings(dtype, SELF_ATTENTION, 0.003)):
         assert landed == pytest.approx(1.0, rel=tolerance), (click, landed, report)
         assert report["step_probe"] > 1    # the proposal's own change was below the floor's margin
 
 
 @pytest.mark.parametrize("model, dtype, tolerance", [("tiny-sd1", "float16", 0.1), ("embedded", "bfloat16", 0.35)])
-def test_a_click_of_the_default_lora_in_low_precision_lands_near_step_rms(tmp_path, model, dtype, tolerance):
+def test_a_click_of_the_default_lora_in_low_precision_lands_near_step_rms(model, dtype, tolerance):
     """The default LoRA at the default ρ: each click's true change is ρ within the tolerance, in fp16
     (a GPU's dtype) on an SD-shaped model and in bf16 (a CPU's) on the embedded model, where
     bench/precision.py measured 0.96–0.98 ρ in fp16 and 0.80–0.99 ρ in bf16 at ρ = 0.02. (In bf16 on
     the tiny SD 1.x shape the ResNet LoRA's clicks overshoot, 1.7–2.0 ρ: docs/algorithm.md.)"""
     d = Settings()
-    for click, (landed, report) in enumerate(_landings(tmp_path, dtype, d.lora_targets, d.step_rms, model=model)):
+    for click, (landed, report) in enumerate(_landings(dtype, d.lora_targets, d.step_rms, model=model)):
         assert landed == pytest.approx(1.0, rel=tolerance), (click, landed, report)
 
 
