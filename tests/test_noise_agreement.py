@@ -125,26 +125,46 @@ def test_decompose_finds_a_brightness_choice_in_the_channel_means():
     assert fine < 0.5 < coarse
 
 
-def test_placement_replay_reproduces_the_agreement_a_session_recorded(tmp_path, tiny_sd1):
+@pytest.mark.parametrize("n", [2, 4])
+def test_placement_replay_reproduces_the_agreement_a_session_recorded(tmp_path, tiny_sd1, n):
     """Clicks that never stepped (evidence_z out of reach) leave the LoRA at its start, so replaying
-    them on the same placement and LoRA seed gives back each click's recorded P = |Σu|²/k."""
+    them on the same placement and LoRA seed gives back each click's recorded P = |Σu|²/k, for pairs
+    and for best of 4; replayed beside another placement's LoRA (both at B = 0, one backward) each
+    gets the gradient it gets alone."""
     from d3po_studio import Session
     from d3po_studio.bench import placement
-    from d3po_studio.core.lora import add_lora
     from d3po_studio.core.tiny import tiny_pipeline
-    cell = tmp_path / "v__brighter__n2__s0"
+    cell = tmp_path / f"v__brighter__n{n}__s0"
     with Session.open(cell / "session", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
                       evidence_z=1000.0, seed=0, lora_targets=placement.PLACEMENTS["attn1"]) as s:
         for i, prompt in enumerate(["a red circle", "a blue square", "a green triangle", "a red square",
                                     "a blue circle", "a green square"]):
-            s.prefer(s.sample(prompt, n=2, seed=10 + i), best=i % 2)
+            s.prefer(s.sample(prompt, n=n, seed=10 + i), best=i % n)
     pipe = tiny_pipeline("sd1")
-    params = add_lora(pipe.unet, 4, 4.0, placement.PLACEMENTS["attn1"], seed=0)
-    units, reports = placement.replay_units(pipe, params, cell)
+    alone, reports = placement.replay_units(pipe, placement.stacked_loras(pipe, ["attn1"]), cell)
+    units = alone["attn1"]
     assert len(units) == 6
     for k in range(1, 7):
         power = float((units[:k].sum(0) ** 2).sum()) / k
         assert power == pytest.approx(reports[k - 1]["evidence_power"], rel=1e-3), k
-    rows = placement.placement_rows("ff", [cell], pipe=tiny_pipeline("sd1"), replicates=20)
-    assert rows[0][:3] == ["ff", "brighter", "0"]
-    assert rows[0][-2] != "—"                                  # six clicks: the null of random winners ran
+    pipe = tiny_pipeline("sd1")
+    stacked, _ = placement.replay_units(pipe, placement.stacked_loras(pipe, ["ff", "attn1"]), cell)
+    np.testing.assert_array_equal(stacked["attn1"], units)
+    assert stacked["ff"].shape[0] == 6 and np.abs(stacked["ff"]).sum() > 0
+    pipe = tiny_pipeline("sd1")                 # a rank and a LoRA seed of its own: another map of the clicks
+    other, _ = placement.replay_units(pipe, placement.stacked_loras(pipe, ["attn1:r8:s3"]), cell)
+    assert other["attn1:r8:s3"].shape == (6, 2 * units.shape[1])
+    rows = placement.placement_rows(["ff", "attn1", "attn1:r8:s3"], [cell], pipe=tiny_pipeline("sd1"), replicates=20)
+    assert [row[:4] for row in rows] == [[spec, "brighter", str(n), "0"] for spec in ("ff", "attn1", "attn1:r8:s3")]
+    # six clicks: the null of random winners ran for pairs; a random best of 4 is not a sign flip
+    assert (rows[0][-2] != "—") == (n == 2)
+
+
+def test_a_placement_spec_names_its_rank_and_lora_seed():
+    from d3po_studio.bench.placement import PLACEMENTS, lora_spec
+    assert lora_spec("conv") == (PLACEMENTS["conv"], 4, None)
+    assert lora_spec("conv:r16:s10") == (PLACEMENTS["conv"], 16, 10)
+    assert lora_spec("attn1:s2") == (PLACEMENTS["attn1"], 4, 2)
+    for bad in ("nowhere", "conv:16", "conv:r0", "conv:x1"):
+        with pytest.raises(ValueError):
+            lora_spec(bad)
