@@ -12,8 +12,9 @@ a fresh LoRA at each placement (rank 4 and seeded as the cell's session seeded i
 ``--placements`` entry names a rank or LoRA seed: ``conv:r16:s10``), at the base (B = 0, where
 every session's first step is taken), and reads the agreement of the unit gradients as
 ``bench/noise_agreement.py`` reads the noise's: z after 10, 25 and 50 clicks, the first click at
-z = 2, and, for pairs, z95 of the same clicks with random winners (random signs; a random winner of
-N > 2 images is not a sign flip, so best of N has none).
+z = 2, and z95 of the same clicks with random winners: for pairs a random sign; a random winner of
+N > 2 images is not a sign flip, so best of N has it only with ``--every-winner``, which replays
+each click with each of its images the winner (N backward passes a click) and draws from those.
 Every placement rides on one backward per click: each is its own adapter, all of them active, and
 at B = 0 an adapter adds exactly nothing to the UNet's outputs, so each one's gradient is the one it
 would get alone. For the clicks before a cell's first step the placement the cell ran reproduces
@@ -46,11 +47,13 @@ PLACEMENTS = {
 REPLICATES = 200
 
 
-def replay_units(pipe, groups: dict[str, list], cell: Path, clicks: int = max(AT)
-                 ) -> tuple[dict[str, np.ndarray], list[dict]]:
+def replay_units(pipe, groups: dict[str, list], cell: Path, clicks: int = max(AT), every_winner: bool = False
+                 ) -> tuple[dict[str, np.ndarray], list[dict], list[int]]:
     """The unit click gradients [k, P] of a cell's first ``clicks`` rounds, one array per group of
     LoRA params in ``groups`` (all of them active on the UNet, each at B = 0, or a single group at
-    any weights), through the session's objective and settings; and the rounds' reports."""
+    any weights), through the session's objective and settings; the rounds' reports; and each
+    click's winner. ``every_winner``: the unit gradient the click would have had with each of its N
+    images the winner instead, [k, N, P] (N backward passes a click), for the null of random winners."""
     import torch
     from safetensors.torch import load_file
 
@@ -62,25 +65,41 @@ def replay_units(pipe, groups: dict[str, list], cell: Path, clicks: int = max(AT
     from ..core.trust_region import unit_gradient
     settings = Settings.from_dict(json.loads((cell / "session" / "session.json").read_text())["settings"])
     objective = get_objective(settings.objective)
-    units: dict[str, list[np.ndarray]] = {name: [] for name in groups}
-    reports = []
+    units: dict[str, list] = {name: [] for name in groups}
+    reports, best = [], []
     for index, path in enumerate(sorted((cell / "session" / "rounds").glob("*/round.json"))[:clicks]):
         r = json.loads(path.read_text())
         if r.get("status") != "applied" or "best" not in (r.get("choice") or {}):
             raise ConfigError(f"{path}: only applied clicks with a best image can be replayed")
         traj = Trajectory.from_tensors(load_file(str(path.parent / "trajectory.safetensors")))
-        for params in groups.values():
-            for p in params:
-                p.grad = None
-        generator = torch.Generator("cpu").manual_seed(settings.seed * 1_000_003 + index)
-        objective(pipe, traj, pairs_from_best(int(r["n"]), int(r["choice"]["best"])), settings,
-                  device=pipe.unet.device, generator=generator, weight=1.0)
-        for name, params in groups.items():
-            unit = unit_gradient(params)
-            units[name].append(unit.double().numpy() if unit is not None
-                               else np.zeros(sum(p.numel() for p in params)))
+        n, winner = int(r["n"]), int(r["choice"]["best"])
+        per_winner: dict[str, list[np.ndarray]] = {name: [] for name in groups}
+        for w in (range(n) if every_winner else [winner]):
+            for params in groups.values():
+                for p in params:
+                    p.grad = None
+            generator = torch.Generator("cpu").manual_seed(settings.seed * 1_000_003 + index)
+            objective(pipe, traj, pairs_from_best(n, w), settings, device=pipe.unet.device,
+                      generator=generator, weight=1.0)
+            for name, params in groups.items():
+                unit = unit_gradient(params)
+                per_winner[name].append(unit.double().numpy() if unit is not None
+                                        else np.zeros(sum(p.numel() for p in params)))
+        for name in groups:
+            units[name].append(np.stack(per_winner[name]) if every_winner else per_winner[name][0])
         reports.append(r.get("report") or {})
-    return {name: np.stack(u) for name, u in units.items()}, reports
+        best.append(winner)
+    return {name: np.stack(u) for name, u in units.items()}, reports, best
+
+
+def random_winner_z95(alternatives: np.ndarray, replicates: int, rng) -> float:
+    """z95 of the null of random winners: the level the agreement path of ``alternatives``
+    ([k, N, P], each click's unit gradient for each possible winner) reaches from click FROM_CLICK
+    on in only 5% of sessions whose every winner is drawn uniformly (pairs: a random sign)."""
+    k, n = alternatives.shape[:2]
+    maxima = [np.nanmax(agreement_path(alternatives[np.arange(k), rng.integers(0, n, size=k)])[FROM_CLICK - 1:])
+              for _ in range(replicates)]
+    return float(np.quantile(maxima, 0.95))
 
 
 def lora_spec(spec: str) -> tuple[tuple[str, ...], int, int | None]:
@@ -114,9 +133,10 @@ def stacked_loras(pipe, placements: list[str], seed: int = 0) -> dict[str, list]
 
 
 def placement_rows(placements: list[str], cells: list[Path], model: str = "embedded", clicks: int = max(AT),
-                   replicates: int = REPLICATES, pipe=None) -> list[list[str]]:
+                   replicates: int = REPLICATES, pipe=None, every_winner: bool = False) -> list[list[str]]:
     """One row per placement and cell: fresh LoRAs at every placement, seeded as the cell's session
-    seeded its own unless a spec names a seed, all replayed in one backward per click."""
+    seeded its own unless a spec names a seed, all replayed in one backward per click (N with
+    ``every_winner``, which gives best-of-N cells their null of random winners too)."""
     import torch
 
     from ..core.loading import load_pipeline
@@ -132,7 +152,7 @@ def placement_rows(placements: list[str], cells: list[Path], model: str = "embed
         seed = int(json.loads((cell / "session" / "session.json").read_text())["settings"].get("seed", 0))
         groups = stacked_loras(pipe, placements, seed)
         try:
-            all_units, reports = replay_units(pipe, groups, cell, clicks)
+            all_units, reports, best = replay_units(pipe, groups, cell, clicks, every_winner)
         finally:
             for i in range(len(placements)):
                 remove_lora(pipe.unet, f"placement_{i}")
@@ -141,12 +161,18 @@ def placement_rows(placements: list[str], cells: list[Path], model: str = "embed
         _variant, chooser, n, s = cell.name.split("__")
         for placement in placements:
             units = all_units[placement]
+            alternatives = None
+            if every_winner:
+                alternatives, units = units, units[np.arange(len(units)), best]
             path = agreement_path(units)
             z95 = float("nan")
-            if n == "n2" and len(units) >= FROM_CLICK + 1:     # the null needs two looks at least
-                maxima = [np.nanmax(agreement_path(units * rng.choice([-1.0, 1.0], size=(len(units), 1)))[FROM_CLICK - 1:])
-                          for _ in range(replicates)]
-                z95 = float(np.quantile(maxima, 0.95))
+            if len(units) >= FROM_CLICK + 1:     # the null needs two looks at least
+                if alternatives is not None:
+                    z95 = random_winner_z95(alternatives, replicates, rng)
+                elif n == "n2":                  # a pair's other winner flips its gradient's sign
+                    maxima = [np.nanmax(agreement_path(units * rng.choice([-1.0, 1.0], size=(len(units), 1)))[FROM_CLICK - 1:])
+                              for _ in range(replicates)]
+                    z95 = float(np.quantile(maxima, 0.95))
             shown = [f"{path[c - 1]:+.1f}" if c <= len(path) and np.isfinite(path[c - 1]) else "—" for c in AT]
             at25 = f"{recorded[24]:+.1f}" if len(recorded) >= 25 and np.isfinite(recorded[24]) else "—"
             rows.append([placement, chooser, n[1:], s[1:], *shown, at25, str(first_at(path, LEVEL, FROM_CLICK) or "—"),
@@ -168,7 +194,8 @@ def markdown(rows: list[list[str]], command: str) -> str:
         "LoRA at each placement (rank 4 and the cell's own LoRA seed unless the placement names them), at the base (bench/placement.py): **z** = the agreement of the unit click "
         "gradients (as bench/agreement.py); **recorded** = the z the cell's own rounds recorded (its placement, "
         "at its weights of the time); **z95** = the level only 5% of the same clicks with random winners reach "
-        f"from click {FROM_CLICK} on ({REPLICATES} sign flips; pairs only). Every placement is its own adapter "
+        f"from click {FROM_CLICK} on ({REPLICATES} draws; for pairs a random sign, for best of N with "
+        "`--every-winner` each click's gradient with a winner drawn from its N images). Every placement is its own adapter "
         "on one UNet, all active at B = 0, so one backward per click gives each placement's own gradient.", "", table(headers, rows), ""])
 
 
@@ -182,6 +209,9 @@ def main(argv=None) -> None:
                         f"NAME one of {', '.join(PLACEMENTS)}")
     p.add_argument("--clicks", type=int, default=max(AT), help="the first clicks of each cell (default 50)")
     p.add_argument("--jobs", type=int, default=1, help="cells replayed at once, one process and thread each")
+    p.add_argument("--every-winner", action="store_true",
+                   help="replay each click with every one of its images the winner (N backward passes a click), "
+                        "for best of N's null of random winners")
     p.add_argument("--docs", help="markdown file to write the section into (default docs/benchmarks.md)")
     p.add_argument("--no-docs", action="store_true", help="print only")
     a = p.parse_args(argv)
@@ -197,7 +227,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"no cell of {a.variants} in {a.workdir}")
     model = json.loads((cells[0] / "session" / "session.json").read_text())["model"]
     jobs = max(1, min(a.jobs, len(cells)))
-    work = [(a.placements, cells[j::jobs], model, a.clicks) for j in range(jobs)]
+    work = [(a.placements, cells[j::jobs], model, a.clicks, REPLICATES, None, a.every_winner) for j in range(jobs)]
     if jobs > 1:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
             results = pool.map(_job, work)
@@ -206,7 +236,7 @@ def main(argv=None) -> None:
     rows = [row for result in results for row in result]
     rows.sort(key=lambda row: (row[1], row[2], int(row[3]), a.placements.index(row[0])))
     command = (f"python -m d3po_studio.bench.placement --workdir {' '.join(a.workdir)} --variants {' '.join(a.variants)}"
-               + (f" --cells {' '.join(a.cells)}" if a.cells else "") + f" --placements {' '.join(a.placements)}")
+               + (f" --cells {' '.join(a.cells)}" if a.cells else "") + f" --placements {' '.join(a.placements)}" + (" --every-winner" if a.every_winner else ""))
     text = markdown(rows, command)
     if not a.no_docs:
         write_section("placement", text, **({"path": a.docs} if a.docs else {}))

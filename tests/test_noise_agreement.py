@@ -141,23 +141,34 @@ def test_placement_replay_reproduces_the_agreement_a_session_recorded(tmp_path, 
                                     "a blue circle", "a green square"]):
             s.prefer(s.sample(prompt, n=n, seed=10 + i), best=i % n)
     pipe = tiny_pipeline("sd1")
-    alone, reports = placement.replay_units(pipe, placement.stacked_loras(pipe, ["attn1"]), cell)
+    alone, reports, best = placement.replay_units(pipe, placement.stacked_loras(pipe, ["attn1"]), cell)
+    assert best == [i % n for i in range(6)]
     units = alone["attn1"]
     assert len(units) == 6
     for k in range(1, 7):
         power = float((units[:k].sum(0) ** 2).sum()) / k
         assert power == pytest.approx(reports[k - 1]["evidence_power"], rel=1e-3), k
     pipe = tiny_pipeline("sd1")
-    stacked, _ = placement.replay_units(pipe, placement.stacked_loras(pipe, ["ff", "attn1"]), cell)
+    stacked, _, _ = placement.replay_units(pipe, placement.stacked_loras(pipe, ["ff", "attn1"]), cell)
     np.testing.assert_array_equal(stacked["attn1"], units)
     assert stacked["ff"].shape[0] == 6 and np.abs(stacked["ff"]).sum() > 0
     pipe = tiny_pipeline("sd1")                 # a rank and a LoRA seed of its own: another map of the clicks
-    other, _ = placement.replay_units(pipe, placement.stacked_loras(pipe, ["attn1:r8:s3"]), cell)
+    other, _, _ = placement.replay_units(pipe, placement.stacked_loras(pipe, ["attn1:r8:s3"]), cell)
     assert other["attn1:r8:s3"].shape == (6, 2 * units.shape[1])
     rows = placement.placement_rows(["ff", "attn1", "attn1:r8:s3"], [cell], pipe=tiny_pipeline("sd1"), replicates=20)
     assert [row[:4] for row in rows] == [[spec, "brighter", str(n), "0"] for spec in ("ff", "attn1", "attn1:r8:s3")]
     # six clicks: the null of random winners ran for pairs; a random best of 4 is not a sign flip
     assert (rows[0][-2] != "—") == (n == 2)
+    # every winner replayed: the actual winner's gradient is the one replayed alone (to float noise), and pairs'
+    # other winner is its sign flip (at B = 0 the loss is linear in the log-ratios)
+    pipe = tiny_pipeline("sd1")
+    every, _, _ = placement.replay_units(pipe, placement.stacked_loras(pipe, ["attn1"]), cell, every_winner=True)
+    assert every["attn1"].shape == (6, n, units.shape[1])
+    np.testing.assert_allclose(every["attn1"][np.arange(6), best], units, atol=1e-5)
+    if n == 2:
+        np.testing.assert_allclose(every["attn1"][np.arange(6), [1 - b for b in best]], -units, atol=1e-5)
+    rows = placement.placement_rows(["attn1"], [cell], pipe=tiny_pipeline("sd1"), replicates=20, every_winner=True)
+    assert rows[0][-2] != "—"
 
 
 def test_a_placement_spec_names_its_rank_and_lora_seed():
