@@ -41,6 +41,9 @@ class Settings:
     anchor_probes: int = 1          # trajectory steps at which each of those winners' drift is measured (1: the middle step)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     evidence_z: float = 2.0         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
+    # step_evidence per part of the LoRA, each "+"-joined lora_targets, each part's step opened by its own agreement;
+    # () = the whole LoRA is one part (experimental, docs/settings.md)
+    evidence_parts: tuple[str, ...] = ()
     gradient_part: str = "whole"    # "choice": train on only the part of a click's gradient its choice sets, not the pull to the base
     beta: float = 0.1               # inverse temperature of the D3PO loss: where its pull to the base balances the clicks (docs/settings.md)
     lr: float = 1e-2                # learning rate of the LoRA optimizer (the step's size is step_rms's when that is on)
@@ -115,6 +118,11 @@ class Settings:
         _check(self.lora_rank >= 1, "lora_rank", self.lora_rank, "use a rank of 1 or more")
         _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "use a positive alpha")
         _check(len(self.lora_targets) > 0, "lora_targets", self.lora_targets, "name at least one module")
+        if self.evidence_parts:
+            named = [t for part in self.evidence_parts for t in part.split("+")]
+            _check(all(named) and sorted(named) == sorted(self.lora_targets), "evidence_parts", self.evidence_parts,
+                   "join lora_targets with '+' into parts that name each target once, "
+                   "e.g. ('conv1+conv2', 'attn1.to_q+attn1.to_k+attn1.to_v+attn1.to_out.0')")
         _check(self.dtype in DTYPES, "dtype", self.dtype, f"use one of {DTYPES}")
         _check(self.optimizer in OPTIMIZERS, "optimizer", self.optimizer, f"use one of {OPTIMIZERS}")
         _check(self.attention in ATTENTIONS, "attention", self.attention, f"use one of {ATTENTIONS}")
@@ -135,13 +143,15 @@ class Settings:
         if unknown:
             raise ConfigError(f"unknown setting(s) {unknown}; valid settings are {sorted(known)}")
         data = dict(data)
-        if "lora_targets" in data:
-            data["lora_targets"] = tuple(data["lora_targets"])
+        for name in ("lora_targets", "evidence_parts"):
+            if name in data:
+                data[name] = tuple(data[name])
         return cls(**data)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["lora_targets"] = list(self.lora_targets)
+        d["evidence_parts"] = list(self.evidence_parts)
         return d
 
     def replace(self, **changes) -> "Settings":
@@ -160,7 +170,7 @@ ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None, 
 # Settings that only change sampling, so a session may change them after its first update.
 SAMPLING_FIELDS = ("steps", "guidance", "eta", "height", "width")
 # Settings fixed once a LoRA exists (they define its shape or its optimizer).
-FIXED_AFTER_FIRST_UPDATE = ("lora_rank", "lora_alpha", "lora_targets", "optimizer", "seed")
+FIXED_AFTER_FIRST_UPDATE = ("lora_rank", "lora_alpha", "lora_targets", "optimizer", "seed", "evidence_parts")
 
 
 def _check(ok: bool, name: str, value, fix: str):

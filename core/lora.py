@@ -47,6 +47,22 @@ def adapter_parameters(unet, adapter: str = ADAPTER) -> list[torch.nn.Parameter]
     return [p for name, p in unet.named_parameters() if "lora_" in name and f".{adapter}." in name]
 
 
+def group_by_targets(unet, params, parts: tuple[str, ...]) -> tuple[list, list[int]]:
+    """``params`` reordered part by part (each part a "+"-joined set of LoRA target suffixes, as
+    ``Settings.evidence_parts``), in their order within each part, and each part's weight count."""
+    names = {id(p): name for name, p in unet.named_parameters()}
+    groups: list[list] = [[] for _ in parts]
+    for p in params:
+        module = names[id(p)].split(".lora_")[0]
+        for i, part in enumerate(parts):
+            if any(module == t or module.endswith("." + t) for t in part.split("+")):
+                groups[i].append(p)
+                break
+        else:
+            raise ValueError(f"LoRA weight {names[id(p)]} is in none of the evidence parts {list(parts)}")
+    return [p for group in groups for p in group], [sum(p.numel() for p in group) for group in groups]
+
+
 def activate(unet, adapter: str, params=()) -> None:
     """Make ``adapter`` the only active LoRA of ``unet`` (scale 1); ``params`` stay trainable."""
     unet.set_adapters([adapter], weights=[1.0])

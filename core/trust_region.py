@@ -335,7 +335,8 @@ def count_sketch(unit: torch.Tensor) -> torch.Tensor:
     d = unit.numel()
     if d not in _HASHES:
         generator = torch.Generator().manual_seed(d)
-        _HASHES.clear()              # one LoRA shape per process in practice: keep one hash
+        if len(_HASHES) >= 8:        # a few LoRA shapes (or evidence parts) per process in practice
+            _HASHES.clear()
         _HASHES[d] = (torch.randint(0, SKETCH, (d,), generator=generator),
                       torch.randint(0, 2, (d,), generator=generator).float() * 2 - 1)
     buckets, signs = _HASHES[d]
@@ -374,24 +375,44 @@ class Evidence:
                    sketches.float() if sketches is not None and count else None)
 
 
-def unit_gradient(params) -> torch.Tensor | None:
-    """The LoRA's current gradient as one flat float32 CPU vector of norm 1 (None if it is 0)."""
+def unit_gradient(params, parts: list[int] | None = None) -> torch.Tensor | None:
+    """The LoRA's current gradient as one flat float32 CPU vector of norm 1 (None if it is 0).
+    ``parts``: the sizes of consecutive parts of that vector (``Settings.evidence_parts``), each
+    scaled to norm 1 on its own (a part without gradient stays 0)."""
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1).cpu()
                       for p in params])
+    if parts:
+        pieces = [piece / norm if (norm := torch.linalg.vector_norm(piece)) > 0 else piece
+                  for piece in flat.split(parts)]
+        return torch.cat(pieces) if any(bool(piece.any()) for piece in pieces) else None
     norm = torch.linalg.vector_norm(flat)
     return flat / norm if norm > 0 else None
 
 
-def add_click(evidence: Evidence, unit: torch.Tensor | None) -> Evidence:
-    """The evidence with one more click's unit gradient (unchanged if it had no gradient)."""
+def add_click(evidence: Evidence, unit: torch.Tensor | None, parts: list[int] | None = None) -> Evidence:
+    """The evidence with one more click's unit gradient (unchanged if it had no gradient);
+    ``parts`` as ``unit_gradient``'s: each part is sketched on its own, side by side."""
     if unit is None:
         return evidence
     if evidence.total is not None and evidence.total.shape != unit.shape:
         raise ValueError(f"evidence of {evidence.total.numel()} values for a LoRA of {unit.numel()}")
     total = unit.clone() if evidence.total is None else evidence.total + unit
-    sketch = count_sketch(unit)[None]
+    sketch = torch.cat([count_sketch(piece) for piece in unit.split(parts)] if parts else [count_sketch(unit)])[None]
+    if evidence.sketches is not None and evidence.sketches.shape[1] != sketch.shape[1]:
+        raise ValueError(f"evidence sketched in {evidence.sketches.shape[1] // SKETCH} part(s), "
+                         f"this click in {sketch.shape[1] // SKETCH}")
     sketches = sketch if evidence.sketches is None else torch.cat([evidence.sketches, sketch])
     return Evidence(total, evidence.count + 1, sketches)
+
+
+def split_evidence(evidence: Evidence, parts: list[int]) -> list[Evidence]:
+    """The evidence of each part (``unit_gradient``'s ``parts``) on its own: its share of the sum
+    and its block of every click's sketch."""
+    if evidence.total is None:
+        return [Evidence() for _ in parts]
+    sketches = (evidence.sketches.split(SKETCH, dim=1) if evidence.sketches is not None
+                else [None] * len(parts))
+    return [Evidence(total, evidence.count, sketch) for total, sketch in zip(evidence.total.split(parts), sketches)]
 
 
 def null_sd(evidence: Evidence) -> float:
@@ -428,17 +449,25 @@ def evidence_scale(evidence: Evidence, z: float = 0.0, measured: tuple[float, fl
 
 
 @torch.no_grad()
-def evidence_step(params, optimizer, evidence: Evidence, lr: float) -> float:
+def evidence_step(params, optimizer, evidence: Evidence, lr: float, parts: list[int] | None = None,
+                  weights: list[float] | None = None) -> float:
     """Step the LoRA along −Σu (the clicks' agreed descent direction) by ``lr`` RMS per weight, for
-    the trust region to resize; the optimizer is not stepped. Returns this click's gradient norm
-    (FloatingPointError if it is not finite; the gradients are cleared either way)."""
+    the trust region to resize; the optimizer is not stepped. With ``parts`` (``unit_gradient``'s),
+    each part goes along its own share of −Σu by ``lr`` × its entry of ``weights`` RMS per weight (0:
+    that part stays). Returns this click's gradient norm (FloatingPointError if it is not finite;
+    the gradients are cleared either way)."""
     norm = gradient_norm(params)
     optimizer.zero_grad(set_to_none=True)
     if not math.isfinite(norm):
         raise FloatingPointError(f"non-finite gradient norm ({norm})")
     if lr == 0:
         return norm
-    direction = evidence.total / float(evidence.total.norm()) * lr * evidence.total.numel() ** 0.5
+    if parts:
+        direction = torch.cat([piece / float(piece.norm()) * lr * w * piece.numel() ** 0.5
+                               if w > 0 and piece.norm() > 0 else torch.zeros_like(piece)
+                               for piece, w in zip(evidence.total.split(parts), weights)])
+    else:
+        direction = evidence.total / float(evidence.total.norm()) * lr * evidence.total.numel() ** 0.5
     start = 0
     for p in params:
         p.sub_(direction[start:start + p.numel()].view_as(p).to(p.device, p.dtype))

@@ -13,7 +13,7 @@ import time
 import torch
 
 from .logprob import ddim_step_with_logprob, step_coefficients, step_weight
-from .lora import lora_disabled
+from .lora import group_by_targets, lora_disabled
 from .memory import offload_for_update
 from .loss import d3po_loss
 from .sampling import Trajectory, make_scheduler, predict_noise
@@ -147,7 +147,7 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     """
     from .objectives import get_objective
     from .trust_region import (Evidence, TrustRegion, add_click, agreement, evidence_scale, evidence_step,
-                               probe_steps, unit_gradient)
+                               probe_steps, split_evidence, unit_gradient)
     generator = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
     with offload_for_update(pipe, device):   # text encoders and VAE off the accelerator meanwhile
         objective = get_objective(s.objective)
@@ -166,9 +166,23 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     measured = s.step_rms is not None or s.drift_budget is not None
     seen = None
     if s.step_evidence:       # the step goes along the clicks' agreed direction, sized by the evidence
-        seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params))
-        agreed = agreement(seen)
-        scale = evidence_scale(seen, s.evidence_z, agreed)
+        parts, weights = None, None
+        if s.evidence_parts:  # each part's own agreement opens its own share of the step
+            params, parts = group_by_targets(pipe.unet, params, s.evidence_parts)
+        seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params, parts), parts)
+        if parts:
+            agreed_parts = [agreement(e) for e in split_evidence(seen, parts)]
+            scales = [evidence_scale(e, s.evidence_z, a) for e, a in zip(split_evidence(seen, parts), agreed_parts)]
+            scale = max(scales)
+            weights = [x / scale if scale > 0 else 0.0 for x in scales]
+            for i, (x, (power, sd)) in enumerate(zip(scales, agreed_parts)):
+                metrics[f"evidence_scale_{i}"] = x
+                if seen.count:
+                    metrics[f"evidence_power_{i}"], metrics[f"evidence_null_sd_{i}"] = power / seen.count, sd / seen.count
+            agreed = agreed_parts[scales.index(scale)]     # the part that decides the step's size
+        else:
+            agreed = agreement(seen)
+            scale = evidence_scale(seen, s.evidence_z, agreed)
         metrics["evidence_scale"] = scale
         if seen.count:      # the agreement and its null per click, for the study (bench/agreement.py)
             metrics["evidence_power"], metrics["evidence_null_sd"] = (v / seen.count for v in agreed)
@@ -176,7 +190,7 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
         region = (TrustRegion.before_step(pipe, traj, pairs, s, params, device, anchors, passes)
                   if measured and scale > 0 else None)
         lr = (s.lr if s.step_rms is not None else s.lr * scale) if scale > 0 else 0.0
-        grad_norm = evidence_step(params, optimizer, seen, lr)
+        grad_norm = evidence_step(params, optimizer, seen, lr, parts, weights)
         if region is not None:       # a target of None keeps the step's size (the anchor alone)
             target = s.step_rms * scale if s.step_rms is not None else None
             metrics.update(region.rescale(pipe, params, target))

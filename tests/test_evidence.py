@@ -273,3 +273,81 @@ def test_a_clicks_choice_part_flips_with_the_choice_and_the_whole_gradient_does_
         # the pull the two picks share: smaller the smaller β is (0.006 at the default β 0.1), and
         # still a hundred times the choice part's bound
         assert float(whole.norm()) > 1e-3
+
+
+def test_evidence_parts_normalise_sketch_and_open_each_part_on_its_own():
+    """Per part (``evidence_parts``): each part of a click's gradient is a unit vector of its own,
+    sketched in its own block, and each part's factor is James–Stein's on that part alone."""
+    from d3po_studio.core.trust_region import SKETCH, split_evidence
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.0, 2.0])
+    assert torch.allclose(unit_gradient([a, b], [2, 3]), torch.tensor([0.6, 0.8, 0.0, 0.0, 1.0]))
+    b.grad = torch.zeros(3)
+    assert torch.allclose(unit_gradient([a, b], [2, 3]), torch.tensor([0.6, 0.8, 0.0, 0.0, 0.0]))   # a part without gradient stays 0
+    a.grad = torch.zeros(2)
+    assert unit_gradient([a, b], [2, 3]) is None
+    # part 0 agrees on every click, part 1 alternates: only part 0 has evidence
+    agree, flip = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0, 0.0])
+    e = Evidence()
+    for k in range(4):
+        e = add_click(e, torch.cat([agree, flip * (-1) ** k]), [2, 3])
+    assert e.sketches.shape == (4, 2 * SKETCH)
+    first, second = split_evidence(e, [2, 3])
+    assert first.count == second.count == 4
+    assert evidence_scale(first) == pytest.approx(1 - 4 / 16) and evidence_scale(second) == 0.0
+    assert torch.equal(first.sketches, e.sketches[:, :SKETCH])
+    assert null_sd(first) == pytest.approx(null_sd(_after([agree] * 4)))        # the block is the part's own sketch
+    with pytest.raises(ValueError, match="sketched in 2 part"):
+        add_click(e, torch.cat([agree, flip]))
+
+
+def test_evidence_parts_must_name_each_lora_target_once():
+    from d3po_studio.core.config import Settings
+    from d3po_studio.core.errors import ConfigError
+    s = Settings(lora_targets=("conv1", "conv2", "to_q"), evidence_parts=("conv1+conv2", "to_q"))
+    assert Settings.from_dict(s.to_dict()) == s
+    for parts in (("conv1+conv2",), ("conv1+conv2", "to_q", "to_q"), ("conv1+conv2+", "to_q"), ("conv1", "conv2+to_v")):
+        with pytest.raises(ConfigError, match="evidence_parts"):
+            Settings(lora_targets=("conv1", "conv2", "to_q"), evidence_parts=parts)
+
+
+def test_a_session_with_evidence_parts_steps_only_the_part_whose_clicks_agree(tmp_path, tiny_sd1):
+    """Two parts (the ResNet convolutions and self-attention): with the convolutions' share of the
+    evidence seeded to agree and self-attention's to cancel, the step moves the convolutions' LoRA
+    only, by the trust region's ρ × the convolutions' factor, and the evidence survives a reopen."""
+    from d3po_studio import Session
+    from d3po_studio.core.lora import group_by_targets
+    parts = ("conv1+conv2", "attn1.to_q+attn1.to_k+attn1.to_v+attn1.to_out.0")
+    targets = tuple(t for part in parts for t in part.split("+"))
+    rho = 0.01
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=6, dtype="float32",
+                      optimizer="adamw", step_rms=rho, drift_budget=None, evidence_z=0.0,
+                      lora_targets=targets, evidence_parts=parts) as s:
+        ordered, sizes = group_by_targets(s.pipe.unet, s.params, parts)
+        assert len(sizes) == 2 and all(sizes) and sum(sizes) == sum(p.numel() for p in s.params)
+        first = s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
+        assert first["evidence_scale"] == 0.0 and first["evidence_scale_0"] == first["evidence_scale_1"] == 0.0
+        u = s._train.evidence.total.clone()
+        assert u[:sizes[0]].norm() == pytest.approx(1.0) and u[sizes[0]:].norm() == pytest.approx(1.0)
+        # three earlier clicks: along u on the convolutions; on self-attention summing to −u, so
+        # that this click's u cancels them
+        seeded = torch.cat([3 * u[:sizes[0]], -u[sizes[0]:]])
+        s._train.evidence.total, s._train.evidence.count = seeded, 3
+        start = [p.detach().clone() for p in ordered]
+        batch = s.sample("a red circle", n=2, seed=0)          # the same noise: the same gradient u
+        probes = probe_steps(6)
+        before = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
+        report = s.prefer(batch, best=1)
+        after = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
+        assert report["evidence_scale_0"] == pytest.approx(0.75, abs=1e-4)     # |4u|² = 16 over k = 4
+        assert report["evidence_scale_1"] == 0.0                                 # |Σu|² = 0 < k
+        assert report["evidence_scale"] == report["evidence_scale_0"]
+        assert rms_change(before, after) == pytest.approx(rho * 0.75, rel=0.05)
+        counts = torch.tensor([p.numel() for p in ordered]).cumsum(0)
+        n_conv = int((counts <= sizes[0]).sum())           # the convolutions' weights come first
+        moved = [not torch.equal(p, q) for p, q in zip(ordered, start)]
+        assert n_conv < len(ordered) and any(moved[:n_conv]) and not any(moved[n_conv:])
+        kept = s._train.evidence.total.clone()
+    with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1) as s:
+        assert s.settings.evidence_parts == parts and torch.equal(s._train.evidence.total, kept)
+        assert s._train.evidence.sketches.shape[1] == 2 * 2048
