@@ -448,6 +448,16 @@ def evidence_scale(evidence: Evidence, z: float = 0.0, measured: tuple[float, fl
     return max(0.0, 1.0 - threshold / power) if power > 0 else 0.0
 
 
+def part_evidence_scales(evidence: Evidence, parts: list[int], z: float = 0.0
+                         ) -> list[tuple[float, tuple[float, float]]]:
+    """Each part's (``evidence_scale``, ``agreement``) on its own (``split_evidence``)."""
+    out = []
+    for part in split_evidence(evidence, parts):
+        measured = agreement(part)
+        out.append((evidence_scale(part, z, measured), measured))
+    return out
+
+
 @torch.no_grad()
 def evidence_step(params, optimizer, evidence: Evidence, lr: float, parts: list[int] | None = None,
                   weights: list[float] | None = None) -> float:

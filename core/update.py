@@ -147,7 +147,7 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     """
     from .objectives import get_objective
     from .trust_region import (Evidence, TrustRegion, add_click, agreement, evidence_scale, evidence_step,
-                               probe_steps, split_evidence, unit_gradient)
+                               part_evidence_scales, probe_steps, unit_gradient)
     generator = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
     with offload_for_update(pipe, device):   # text encoders and VAE off the accelerator meanwhile
         objective = get_objective(s.objective)
@@ -171,15 +171,13 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
             params, parts = group_by_targets(pipe.unet, params, s.evidence_parts)
         seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params, parts), parts)
         if parts:
-            agreed_parts = [agreement(e) for e in split_evidence(seen, parts)]
-            scales = [evidence_scale(e, s.evidence_z, a) for e, a in zip(split_evidence(seen, parts), agreed_parts)]
-            scale = max(scales)
-            weights = [x / scale if scale > 0 else 0.0 for x in scales]
-            for i, (x, (power, sd)) in enumerate(zip(scales, agreed_parts)):
+            per_part = part_evidence_scales(seen, parts, s.evidence_z)
+            scale, agreed = max(per_part, key=lambda part: part[0])    # the part that sizes the step
+            weights = [x / scale if scale > 0 else 0.0 for x, _ in per_part]
+            for i, (x, (power, sd)) in enumerate(per_part):
                 metrics[f"evidence_scale_{i}"] = x
                 if seen.count:
                     metrics[f"evidence_power_{i}"], metrics[f"evidence_null_sd_{i}"] = power / seen.count, sd / seen.count
-            agreed = agreed_parts[scales.index(scale)]     # the part that decides the step's size
         else:
             agreed = agreement(seen)
             scale = evidence_scale(seen, s.evidence_z, agreed)
