@@ -376,17 +376,16 @@ class Evidence:
 
 
 def unit_gradient(params, parts: list[int] | None = None) -> torch.Tensor | None:
-    """The LoRA's current gradient as one flat float32 CPU vector of norm 1 (None if it is 0).
-    ``parts``: the sizes of consecutive parts of that vector (``Settings.evidence_parts``), each
-    scaled to norm 1 on its own (a part without gradient stays 0)."""
+    """The LoRA's current gradient as one flat float32 CPU vector, each of its consecutive ``parts``
+    (sizes; ``Settings.evidence_parts``; default: the whole vector as one part) scaled to norm 1 on
+    its own, a part without gradient left 0; None if the whole gradient is 0."""
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().reshape(-1).cpu()
                       for p in params])
-    if parts:
-        pieces = [piece / norm if (norm := torch.linalg.vector_norm(piece)) > 0 else piece
-                  for piece in flat.split(parts)]
-        return torch.cat(pieces) if any(bool(piece.any()) for piece in pieces) else None
-    norm = torch.linalg.vector_norm(flat)
-    return flat / norm if norm > 0 else None
+    pieces = flat.split(parts or [flat.numel()])
+    norms = [torch.linalg.vector_norm(piece) for piece in pieces]
+    if not any(norm > 0 for norm in norms):
+        return None
+    return torch.cat([piece / norm if norm > 0 else piece for piece, norm in zip(pieces, norms)])
 
 
 def add_click(evidence: Evidence, unit: torch.Tensor | None, parts: list[int] | None = None) -> Evidence:
@@ -397,7 +396,7 @@ def add_click(evidence: Evidence, unit: torch.Tensor | None, parts: list[int] | 
     if evidence.total is not None and evidence.total.shape != unit.shape:
         raise ValueError(f"evidence of {evidence.total.numel()} values for a LoRA of {unit.numel()}")
     total = unit.clone() if evidence.total is None else evidence.total + unit
-    sketch = torch.cat([count_sketch(piece) for piece in unit.split(parts)] if parts else [count_sketch(unit)])[None]
+    sketch = torch.cat([count_sketch(piece) for piece in unit.split(parts or [unit.numel()])])[None]
     if evidence.sketches is not None and evidence.sketches.shape[1] != sketch.shape[1]:
         raise ValueError(f"evidence sketched in {evidence.sketches.shape[1] // SKETCH} part(s), "
                          f"this click in {sketch.shape[1] // SKETCH}")
@@ -461,23 +460,21 @@ def part_evidence_scales(evidence: Evidence, parts: list[int], z: float = 0.0
 @torch.no_grad()
 def evidence_step(params, optimizer, evidence: Evidence, lr: float, parts: list[int] | None = None,
                   weights: list[float] | None = None) -> float:
-    """Step the LoRA along −Σu (the clicks' agreed descent direction) by ``lr`` RMS per weight, for
-    the trust region to resize; the optimizer is not stepped. With ``parts`` (``unit_gradient``'s),
-    each part goes along its own share of −Σu by ``lr`` × its entry of ``weights`` RMS per weight (0:
-    that part stays). Returns this click's gradient norm (FloatingPointError if it is not finite;
-    the gradients are cleared either way)."""
+    """Step the LoRA along −Σu (the clicks' agreed descent direction), each of its ``parts``
+    (``unit_gradient``'s) along its own share by ``lr`` × its entry of ``weights`` (default 1; 0:
+    that part stays) RMS per weight, for the trust region to resize; the optimizer is not stepped.
+    Returns this click's gradient norm (FloatingPointError if it is not finite; the gradients are
+    cleared either way)."""
     norm = gradient_norm(params)
     optimizer.zero_grad(set_to_none=True)
     if not math.isfinite(norm):
         raise FloatingPointError(f"non-finite gradient norm ({norm})")
     if lr == 0:
         return norm
-    if parts:
-        direction = torch.cat([piece / float(piece.norm()) * lr * w * piece.numel() ** 0.5
-                               if w > 0 and piece.norm() > 0 else torch.zeros_like(piece)
-                               for piece, w in zip(evidence.total.split(parts), weights)])
-    else:
-        direction = evidence.total / float(evidence.total.norm()) * lr * evidence.total.numel() ** 0.5
+    pieces = evidence.total.split(parts or [evidence.total.numel()])
+    direction = torch.cat([piece / float(piece.norm()) * lr * w * piece.numel() ** 0.5
+                           if w > 0 and piece.norm() > 0 else torch.zeros_like(piece)
+                           for piece, w in zip(pieces, weights or [1.0] * len(pieces))])
     start = 0
     for p in params:
         p.sub_(direction[start:start + p.numel()].view_as(p).to(p.device, p.dtype))

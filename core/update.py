@@ -146,8 +146,8 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     Returns ``(metrics, gradient norm)``.
     """
     from .objectives import get_objective
-    from .trust_region import (Evidence, TrustRegion, add_click, agreement, evidence_scale, evidence_step,
-                               part_evidence_scales, probe_steps, unit_gradient)
+    from .trust_region import (Evidence, TrustRegion, add_click, evidence_step, part_evidence_scales, probe_steps,
+                               unit_gradient)
     generator = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
     with offload_for_update(pipe, device):   # text encoders and VAE off the accelerator meanwhile
         objective = get_objective(s.objective)
@@ -166,21 +166,18 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     measured = s.step_rms is not None or s.drift_budget is not None
     seen = None
     if s.step_evidence:       # the step goes along the clicks' agreed direction, sized by the evidence
-        parts, weights = None, None
         if s.evidence_parts:  # each part's own agreement opens its own share of the step
             params, parts = group_by_targets(pipe.unet, params, s.evidence_parts)
+        else:                 # the whole LoRA as one part
+            parts = [sum(p.numel() for p in params)]
         seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params, parts), parts)
-        if parts:
-            per_part = part_evidence_scales(seen, parts, s.evidence_z)
-            scale, agreed = max(per_part, key=lambda part: part[0])    # the part that sizes the step
-            weights = [x / scale if scale > 0 else 0.0 for x, _ in per_part]
-            for i, (x, (power, sd)) in enumerate(per_part):
-                metrics[f"evidence_scale_{i}"] = x
-                if seen.count:
-                    metrics[f"evidence_power_{i}"], metrics[f"evidence_null_sd_{i}"] = power / seen.count, sd / seen.count
-        else:
-            agreed = agreement(seen)
-            scale = evidence_scale(seen, s.evidence_z, agreed)
+        per_part = part_evidence_scales(seen, parts, s.evidence_z)
+        scale, agreed = max(per_part, key=lambda part: part[0])    # the part that sizes the step
+        weights = [x / scale if scale > 0 else 0.0 for x, _ in per_part]
+        for i, (x, (power, sd)) in enumerate(per_part if len(parts) > 1 else ()):
+            metrics[f"evidence_scale_{i}"] = x
+            if seen.count:
+                metrics[f"evidence_power_{i}"], metrics[f"evidence_null_sd_{i}"] = power / seen.count, sd / seen.count
         metrics["evidence_scale"] = scale
         if seen.count:      # the agreement and its null per click, for the study (bench/agreement.py)
             metrics["evidence_power"], metrics["evidence_null_sd"] = (v / seen.count for v in agreed)
