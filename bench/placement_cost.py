@@ -1,6 +1,6 @@
 """What a click's update costs with the LoRA at each placement, on the embedded model.
 
-    OMP_NUM_THREADS=1 python -m d3po_studio.bench.placement_cost --placements attn1 conv --rounds 3
+    OMP_NUM_THREADS=1 python -m d3po_studio.bench.placement_cost --placements attn1 conv conv+attn1 --rounds 3
     python -m d3po_studio.bench.placement_cost --model tiny --clicks 1 --rounds 1 --no-docs   # smoke run
 
 Each (round, placement) is a fresh process with one torch thread that opens a session with
@@ -42,8 +42,21 @@ print(json.dumps({"median": result["median"], "trainable_parameters": result["tr
 """
 
 
+def targets(placement: str) -> tuple[str, ...]:
+    """The lora_targets of a placement, or of several joined by "+" (``conv+attn1``)."""
+    return tuple(t for name in placement.split("+") for t in PLACEMENTS[name])
+
+
+def placement(text: str) -> str:
+    """argparse type: a placement name, or several joined by "+"."""
+    unknown = [name for name in text.split("+") if name not in PLACEMENTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown placement(s) {unknown}; use {sorted(PLACEMENTS)}, joined by '+'")
+    return text
+
+
 def run_child(model: str, placement: str, clicks: int, timeout: float = 1800) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, model, ",".join(PLACEMENTS[placement]), str(clicks)],
+    proc = subprocess.run([sys.executable, "-c", CHILD, model, ",".join(targets(placement)), str(clicks)],
                           capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -66,14 +79,14 @@ def markdown(rounds: list[dict[str, dict]], model: str, clicks: int, command: st
     rows = []
     for p in rounds[0]:
         med = lambda k: statistics.median(r[p]["median"][k] for r in rounds)  # noqa: E731
-        rows.append([f"`{', '.join(PLACEMENTS[p])}`" + (" (the default)" if PLACEMENTS[p] == default else ""),
+        rows.append([f"`{', '.join(targets(p))}`" + (" (the default)" if targets(p) == default else ""),
                      f"{rounds[0][p]['trainable_parameters']:,}", f"{med('update'):.2f}", f"{update[p]:.2f}×",
                      f"{med('floor'):.2f}", f"{floor[p]:.2f}×"])
     return (f"## The update's cost by where the LoRA sits\n\nMachine: {report.machine()}. "
             f"Date: {time.strftime('%Y-%m-%d')}. Command: `{command}`. Model: {model}; "
             f"{len(rounds)} round(s) of {clicks} timed click(s) per placement (after one warm-up click), "
             f"each in its own one-thread process, the placements alternating; ratios against "
-            f"`{', '.join(PLACEMENTS[first])}` within each round, median over rounds. **update** = the "
+            f"`{', '.join(targets(first))}` within each round, median over rounds. **update** = the "
             f"seconds `prefer` reports (gradient passes, evidence, checkpoint; the clicks alternate the "
             f"winner, so the evidence step stays shut); **floor** = the reference forward and the policy "
             f"forward + backward of every trained step, timed on the same pair.\n\n"
@@ -83,7 +96,8 @@ def markdown(rounds: list[dict[str, dict]], model: str, clicks: int, command: st
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="embedded", help="embedded (default), embedded-random or tiny (smoke)")
-    p.add_argument("--placements", nargs="+", default=["attn1", "conv"], choices=list(PLACEMENTS))
+    p.add_argument("--placements", nargs="+", default=["attn1", "conv"], type=placement,
+                   help=f"placements ({', '.join(PLACEMENTS)}), or several joined by '+' (conv+attn1)")
     p.add_argument("--clicks", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--doc", default=str(report.DEFAULT_PATH))

@@ -20,6 +20,7 @@ BACKWARDS = ("joint", "split")
 OBJECTIVES = ("d3po", "diffusion-dpo")
 STEP_WEIGHTS = ("noise", "x0", "none")
 GRADIENT_PARTS = ("whole", "choice")
+EVIDENCE_GATES = ("joint", "each")
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,10 @@ class Settings:
     anchor_probes: int = 1          # trajectory steps at which each of those winners' drift is measured (1: the middle step)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     evidence_z: float = 2.0         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
-    # step_evidence per part of the LoRA, each "+"-joined lora_targets, each part's step opened by its own agreement;
-    # () = the whole LoRA is one part (experimental, docs/settings.md)
-    evidence_parts: tuple[str, ...] = ()
+    # step_evidence per part of the LoRA, each part's click gradients a unit vector of their own: "+"-joined
+    # lora_targets; None = one part per kind of layer the targets are on (parts_by_kind); () = the whole LoRA one part
+    evidence_parts: tuple[str, ...] | None = None
+    evidence_gate: str = "joint"    # several parts: "joint" = one test of all parts opens the step; "each" = each its own
     gradient_part: str = "whole"    # "choice": train on only the part of a click's gradient its choice sets, not the pull to the base
     beta: float = 0.1               # inverse temperature of the D3PO loss: where its pull to the base balances the clicks (docs/settings.md)
     lr: float = 1e-2                # learning rate of the LoRA optimizer (the step's size is step_rms's when that is on)
@@ -85,6 +87,8 @@ class Settings:
         _check(self.step_weight in STEP_WEIGHTS, "step_weight", self.step_weight, f"use one of {STEP_WEIGHTS}")
         _check(self.gradient_part in GRADIENT_PARTS, "gradient_part", self.gradient_part,
                f"use one of {GRADIENT_PARTS}")
+        _check(self.evidence_gate in EVIDENCE_GATES, "evidence_gate", self.evidence_gate,
+               f"use one of {EVIDENCE_GATES}")
         _check(self.step_rms is None or self.step_rms > 0, "step_rms", self.step_rms,
                "use None (off) or a positive RMS change such as 0.02")
         _check(self.drift_budget is None or self.drift_budget > 0, "drift_budget", self.drift_budget,
@@ -118,7 +122,7 @@ class Settings:
         _check(self.lora_rank >= 1, "lora_rank", self.lora_rank, "use a rank of 1 or more")
         _check(self.lora_alpha > 0, "lora_alpha", self.lora_alpha, "use a positive alpha")
         _check(len(self.lora_targets) > 0, "lora_targets", self.lora_targets, "name at least one module")
-        if self.evidence_parts:
+        if self.evidence_parts:     # None and () name no targets
             named = [t for part in self.evidence_parts for t in part.split("+")]
             _check(all(named) and sorted(named) == sorted(self.lora_targets), "evidence_parts", self.evidence_parts,
                    "join lora_targets with '+' into parts that name each target once, "
@@ -144,18 +148,44 @@ class Settings:
             raise ConfigError(f"unknown setting(s) {unknown}; valid settings are {sorted(known)}")
         data = dict(data)
         for name in ("lora_targets", "evidence_parts"):
-            if name in data:
+            if data.get(name) is not None:
                 data[name] = tuple(data[name])
         return cls(**data)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["lora_targets"] = list(self.lora_targets)
-        d["evidence_parts"] = list(self.evidence_parts)
+        d["evidence_parts"] = list(self.evidence_parts) if self.evidence_parts is not None else None
         return d
+
+    @property
+    def resolved_parts(self) -> tuple[str, ...]:
+        """The evidence parts the update uses: ``evidence_parts``, or for None one part per kind of
+        layer of ``lora_targets`` (``parts_by_kind``); () or a single part = the whole LoRA."""
+        return parts_by_kind(self.lora_targets) if self.evidence_parts is None else self.evidence_parts
 
     def replace(self, **changes) -> "Settings":
         return self.from_dict({**self.to_dict(), **changes})
+
+
+def _kind(target: str) -> str:
+    """The kind of layer a LoRA target is on: the ResNet convolutions, self-attention, cross-attention,
+    every attention, the feed-forward layers; any other target is a kind of its own."""
+    head = target.split(".")[0]
+    if target in ("conv1", "conv2", "conv_shortcut"):
+        return "conv"
+    if head in ("attn1", "attn2", "ff"):
+        return head
+    return "attn" if head in ("to_q", "to_k", "to_v", "to_out") else target
+
+
+def parts_by_kind(targets) -> tuple[str, ...]:
+    """``evidence_parts=None``: the targets grouped by the kind of layer they are on, in order of
+    first appearance, e.g. (conv1, conv2, attn1.to_q, attn1.to_v) → ("conv1+conv2", "attn1.to_q+attn1.to_v")."""
+    kinds: dict[str, list[str]] = {}
+    for target in targets:
+        kinds.setdefault(_kind(target), []).append(target)
+    return tuple("+".join(group) for group in kinds.values())
 
 
 # Fields whose default changed the update when they were added (or later): a session.json without
@@ -164,9 +194,12 @@ class Settings:
 # stores its own value. beta and lora_targets (changed in the fifteenth session, with evidence_z to 2;
 # lora_targets again in the twenty-second) have been stored in every session.json since the first,
 # so they need no entry here. anchor_probes came in the twenty-third session with 3 (every session
-# before probed its earlier winners at three steps) and became 1 in the same session.
+# before probed its earlier winners at three steps) and became 1 in the same session. evidence_gate came
+# in the twenty-fifth session; evidence_parts before it opened each part on its own ("each"), and its
+# default was () (the whole LoRA one part) where it is None (a part per kind of layer) since.
 ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None, "anchor_clicks": 0,
-               "step_weight": "noise", "evidence_z": 0.0, "anchor_probes": 3}
+               "step_weight": "noise", "evidence_z": 0.0, "anchor_probes": 3, "evidence_parts": (),
+               "evidence_gate": "each"}
 # Settings that only change sampling, so a session may change them after its first update.
 SAMPLING_FIELDS = ("steps", "guidance", "eta", "height", "width")
 # Settings fixed once a LoRA exists (they define its shape or its optimizer).
@@ -178,4 +211,4 @@ def _check(ok: bool, name: str, value, fix: str):
         raise ConfigError(f"setting {name}={value!r} is invalid: {fix}")
 
 
-__all__ = ["Settings", "SAMPLING_FIELDS", "FIXED_AFTER_FIRST_UPDATE", "ADDED_LATER"]
+__all__ = ["Settings", "SAMPLING_FIELDS", "FIXED_AFTER_FIRST_UPDATE", "ADDED_LATER", "parts_by_kind"]

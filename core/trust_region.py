@@ -414,15 +414,25 @@ def split_evidence(evidence: Evidence, parts: list[int]) -> list[Evidence]:
     return [Evidence(total, evidence.count, sketch) for total, sketch in zip(evidence.total.split(parts), sketches)]
 
 
+def joint_evidence(evidence: Evidence, parts: list[int]) -> Evidence:
+    """All ``parts`` as one unit vector a click: its parts' unit vectors side by side, scaled by
+    1/√K (K parts), and their sketches' blocks likewise, so that under random winners |Σu|² again has
+    mean k and ``null_sd`` its spread (a sign flips a click's every part at once)."""
+    if evidence.total is None or len(parts) == 1:
+        return evidence
+    c = len(parts) ** -0.5
+    return Evidence(evidence.total * c, evidence.count, evidence.sketches * c if evidence.sketches is not None else None)
+
+
 def null_sd(evidence: Evidence) -> float:
     """√V, V = 2·Σ_{i≠j} (u_i·u_j)²: the standard deviation of |Σ s_i u_i|² over random signs s,
-    from the clicks' sketches (each squared dot product less the sketch's own variance 1/SKETCH).
+    from the clicks' sketches (each squared dot product less the sketch's own variance, 1/its width).
     Clicks from before the sketches were kept (an older checkpoint) count as the sketched ones do."""
     sk = evidence.sketches
     if sk is None or len(sk) < 2:
         return 0.0
     gram = sk @ sk.T
-    off = (gram.pow(2) - 1.0 / SKETCH).clamp_min(0.0)
+    off = (gram.pow(2) - 1.0 / sk.shape[1]).clamp_min(0.0)     # a sketch W wide of a unit vector: variance 1/W
     m = len(sk)
     pairs_sum = float(off.sum() - off.diagonal().sum())
     scale = evidence.count * (evidence.count - 1) / (m * (m - 1))

@@ -116,6 +116,10 @@ def test_placement_cost_times_a_session_at_its_placement_and_takes_ratios_within
     assert placement_cost.ratios(rounds, "floor") == {"attn1": 1.0, "conv": pytest.approx(1.2)}
     text = placement_cost.markdown(rounds, "tiny", 1, "cmd")
     assert "conv1, conv2" in text and "| 1 | 3.00 | 1.20× | 1.20 | 1.20× |" in text
+    assert placement_cost.targets("conv+attn1") == ("conv1", "conv2", "attn1.to_q", "attn1.to_k", "attn1.to_v",
+                                                    "attn1.to_out.0")
+    with pytest.raises(SystemExit):     # argparse: an unknown placement is refused by name
+        placement_cost.main(["--placements", "conv+attnx", "--no-docs"])
 
 
 def test_update_cost_times_each_variant_on_the_same_clicks_and_splits_stepping_ones(tmp_path):

@@ -201,6 +201,7 @@ def test_a_stored_session_keeps_the_update_it_was_trained_with():
     assert Settings.stored(old).evidence_z == 0.0 and Settings().evidence_z == 2.0
     assert Settings.stored(old).step_weight == "noise" and Settings().step_weight == "x0"
     assert Settings.stored(old).anchor_probes == 3 and Settings().anchor_probes == 1   # 23rd session
+    assert Settings.stored(old).evidence_gate == "each" and Settings().evidence_gate == "joint"   # 25th
     assert Settings.stored(Settings().to_dict()) == Settings()
 
 
@@ -301,6 +302,44 @@ def test_evidence_parts_normalise_sketch_and_open_each_part_on_its_own():
         add_click(e, torch.cat([agree, flip]))
 
 
+def test_joint_evidence_of_parts_has_the_null_of_one_unit_vector_a_click():
+    """``evidence_gate="joint"``: the parts side by side, scaled by 1/√K, are one unit vector a
+    click; under random winners (a sign flips every part of a click at once) |Σu|² has mean k and
+    the spread ``null_sd`` reads from the parts' sketch blocks, though the parts share few
+    directions (3) in one and many (3000) in the other."""
+    from d3po_studio.core.trust_region import joint_evidence
+    first, second = _units(30, 4000, 3, seed=7), _units(30, 6000, 3000, seed=8)
+    joined = torch.stack([torch.cat([a, b]) / 2 ** 0.5 for a, b in zip(first, second)])
+    gram = joined @ joined.T
+    exact = float(2 * (gram.pow(2).sum() - gram.diagonal().pow(2).sum())) ** 0.5
+    signs = torch.randint(0, 2, (4000, 30), generator=torch.Generator().manual_seed(2)).float() * 2 - 1
+    power = (signs @ joined).pow(2).sum(dim=1)
+    assert float(power.mean()) == pytest.approx(30, rel=0.05)
+    assert float(power.std()) == pytest.approx(exact, rel=0.1)
+    e = Evidence()
+    for a, b in zip(first, second):
+        e = add_click(e, torch.cat([a, b]), [4000, 6000])
+    whole = joint_evidence(e, [4000, 6000])
+    assert torch.allclose(whole.total, joined.sum(0), atol=1e-5) and whole.count == 30
+    assert null_sd(whole) == pytest.approx(exact, rel=0.15)
+    # the joint spread is smaller than the few-direction part's own: both parts' noise has to agree
+    assert null_sd(whole) < 0.8 * null_sd(_after(first))
+    assert joint_evidence(e, [10000]) is e
+
+
+def test_evidence_parts_default_to_one_part_per_kind_of_layer():
+    """``evidence_parts=None`` groups lora_targets by the kind of layer they sit on; one kind is the
+    whole LoRA as one part, as () is; a stored None or list comes back as it was."""
+    from d3po_studio.core.config import Settings, parts_by_kind
+    assert parts_by_kind(("conv1", "attn1.to_q", "conv2", "attn1.to_out.0")) == ("conv1+conv2", "attn1.to_q+attn1.to_out.0")
+    assert parts_by_kind(("to_q", "to_v", "ff.net.2", "proj_in")) == ("to_q+to_v", "ff.net.2", "proj_in")
+    assert parts_by_kind(("attn1.to_q", "attn2.to_q")) == ("attn1.to_q", "attn2.to_q")
+    assert Settings(lora_targets=("conv1", "conv2")).resolved_parts == ("conv1+conv2",)
+    assert Settings(lora_targets=("conv1", "to_q"), evidence_parts=()).resolved_parts == ()
+    for s in (Settings(evidence_parts=None), Settings(lora_targets=("conv1", "to_q"), evidence_parts=("conv1+to_q",))):
+        assert Settings.from_dict(s.to_dict()) == s and Settings.stored(s.to_dict()) == s
+
+
 def test_evidence_parts_must_name_each_lora_target_once():
     from d3po_studio.core.config import Settings
     from d3po_studio.core.errors import ConfigError
@@ -311,10 +350,13 @@ def test_evidence_parts_must_name_each_lora_target_once():
             Settings(lora_targets=("conv1", "conv2", "to_q"), evidence_parts=parts)
 
 
-def test_a_session_with_evidence_parts_steps_only_the_part_whose_clicks_agree(tmp_path, tiny_sd1):
+@pytest.mark.parametrize("gate, sized", [("each", 0.75), ("joint", 0.5)])
+def test_a_session_with_evidence_parts_steps_only_the_part_whose_clicks_agree(tmp_path, tiny_sd1, gate, sized):
     """Two parts (the ResNet convolutions and self-attention): with the convolutions' share of the
     evidence seeded to agree and self-attention's to cancel, the step moves the convolutions' LoRA
-    only, by the trust region's ρ × the convolutions' factor, and the evidence survives a reopen."""
+    only, and the evidence survives a reopen. The step is the trust region's ρ × the evidence: with
+    ``evidence_gate="each"`` the convolutions' own factor (|4u|² = 16 over k = 4: 0.75), with
+    "joint" the factor of both parts as one unit vector a click ((16 + 0)/2 = 8 over k = 4: 0.5)."""
     from d3po_studio import Session
     from d3po_studio.core.lora import group_by_targets
     parts = ("conv1+conv2", "attn1.to_q+attn1.to_k+attn1.to_v+attn1.to_out.0")
@@ -322,7 +364,7 @@ def test_a_session_with_evidence_parts_steps_only_the_part_whose_clicks_agree(tm
     rho = 0.01
     with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=6, dtype="float32",
                       optimizer="adamw", step_rms=rho, drift_budget=None, evidence_z=0.0,
-                      lora_targets=targets, evidence_parts=parts) as s:
+                      lora_targets=targets, evidence_parts=parts, evidence_gate=gate) as s:
         ordered, sizes = group_by_targets(s.pipe.unet, s.params, parts)
         assert len(sizes) == 2 and all(sizes) and sum(sizes) == sum(p.numel() for p in s.params)
         first = s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
@@ -341,8 +383,9 @@ def test_a_session_with_evidence_parts_steps_only_the_part_whose_clicks_agree(tm
         after = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
         assert report["evidence_scale_0"] == pytest.approx(0.75, abs=1e-4)     # |4u|² = 16 over k = 4
         assert report["evidence_scale_1"] == 0.0                                 # |Σu|² = 0 < k
-        assert report["evidence_scale"] == report["evidence_scale_0"]
-        assert rms_change(before, after) == pytest.approx(rho * 0.75, rel=0.05)
+        assert report["evidence_scale"] == pytest.approx(sized, abs=1e-4)
+        assert report["evidence_power"] == pytest.approx((16 if gate == "each" else 8) / 4, abs=1e-4)
+        assert rms_change(before, after) == pytest.approx(rho * sized, rel=0.05)
         counts = torch.tensor([p.numel() for p in ordered]).cumsum(0)
         n_conv = int((counts <= sizes[0]).sum())           # the convolutions' weights come first
         moved = [not torch.equal(p, q) for p, q in zip(ordered, start)]
