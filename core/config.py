@@ -62,9 +62,9 @@ class Settings:
     # --- the LoRA -----------------------------------------------------------
     lora_rank: int = 4              # LoRA rank r
     lora_alpha: float = 4.0         # LoRA alpha; the update is scaled by alpha / r
-    # UNet module names (suffixes): the ResNet blocks' two convolutions (docs/settings.md); the self-attention
-    # projections "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0" were the default before
-    lora_targets: tuple[str, ...] = ("conv1", "conv2")
+    # UNet module names (suffixes): the ResNet blocks' two convolutions and the self-attention projections, two
+    # evidence parts (docs/settings.md); the convolutions alone were the default of the 22nd to 24th sessions
+    lora_targets: tuple[str, ...] = ("conv1", "conv2", "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0")
     # --- runtime choices (each "auto" choice is logged once) -----------------
     dtype: str = "auto"             # frozen weights: auto = fp16 on CUDA/MPS, bf16 on a CPU that has it
     device: str = "auto"            # auto = cuda, then mps, then cpu
