@@ -24,6 +24,16 @@ def _after(units):
     return e
 
 
+def _joint(session) -> Evidence:
+    """A session's evidence as its update reads it: its parts (the default LoRA has two, the
+    convolutions and self-attention) as one unit vector a click (``joint_evidence``)."""
+    from d3po_studio.core.lora import group_by_targets
+    from d3po_studio.core.trust_region import joint_evidence
+    parts = session.settings.resolved_parts
+    sizes = group_by_targets(session.pipe.unet, session.params, parts)[1] if len(parts) > 1 else [0]
+    return joint_evidence(session._train.evidence, sizes)
+
+
 def test_evidence_scale_against_hand_numbers():
     u, v = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
     assert evidence_scale(Evidence()) == 0.0
@@ -137,7 +147,7 @@ def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, family, grid
         before = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
         report = s.prefer(batch, best=1)
         after = predictions(s.pipe, batch.trajectory, probes, [0, 1], s.settings.guidance, "cpu")
-        expected = evidence_scale(s._train.evidence)
+        expected = evidence_scale(_joint(s))      # |4u|² over k = 4, u one unit vector a click
         assert report["evidence_scale"] == pytest.approx(expected) == pytest.approx(1 - 4 / 16, abs=1e-4)
         assert rms_change(before, after) == pytest.approx(rho * expected, rel=0.05)
         kept = (s._train.evidence.total.clone(), s._train.evidence.count, s._train.evidence.sketches.clone())
@@ -164,20 +174,26 @@ def test_session_steps_by_the_evidence_and_checkpoints_it(tmp_path, family, grid
 
 
 def test_evidence_without_a_trust_region_steps_lr_times_the_evidence(tmp_path, tiny_sd1):
-    """step_rms=None: the step along −Σu is lr × the factor RMS per LoRA weight (James–Stein's factor, z = 0)."""
+    """step_rms=None: the step along −Σu is lr × the factor RMS per LoRA weight (James–Stein's factor, z = 0),
+    each of the default LoRA's two parts along its own share of −Σu."""
     from d3po_studio import Session
+    from d3po_studio.core.lora import group_by_targets
     with Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
                       optimizer="adamw", step_rms=None, step_evidence=True, lr=1e-3, evidence_z=0.0) as s:
         batch = s.sample("a red circle", n=2, seed=0)
-        start = [p.detach().clone() for p in s.params]
+        ordered, sizes = group_by_targets(s.pipe.unet, s.params, s.settings.resolved_parts)
+        assert len(sizes) == 2          # the evidence's order: the convolutions', then self-attention's weights
+        start = [p.detach().clone() for p in ordered]
         assert s.prefer(batch, best=1)["evidence_scale"] == 0.0
-        assert all(torch.equal(p, q) for p, q in zip(s.params, start))
+        assert all(torch.equal(p, q) for p, q in zip(ordered, start))
         u = s._train.evidence.total.clone()
         s._train.evidence.total, s._train.evidence.count = 3 * u, 3
         s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
-        moved = torch.cat([(p - q).reshape(-1) for p, q in zip(s.params, start)])
+        moved = torch.cat([(p - q).reshape(-1) for p, q in zip(ordered, start)])
         assert float(moved.pow(2).mean().sqrt()) == pytest.approx(1e-3 * 0.75, rel=1e-3)
-        assert torch.allclose(moved / moved.norm(), -u, atol=1e-5)
+        for part, unit in zip(moved.split(sizes), u.split(sizes)):     # each part's factor is 0.75 too
+            assert float(part.pow(2).mean().sqrt()) == pytest.approx(1e-3 * 0.75, rel=1e-3)
+            assert torch.allclose(part / part.norm(), -unit, atol=1e-5)
 
 
 def test_evidence_without_a_trust_region_or_anchor_runs_no_probes(tmp_path, tiny_sd1):
@@ -236,7 +252,7 @@ def test_evidence_z_in_a_session_raises_the_threshold_by_the_clicks_null_spread(
                           optimizer="adamw", evidence_z=z) as s:
             for seed in (0, 1, 0, 0):
                 report = s.prefer(s.sample("a red circle", n=2, seed=seed), best=1)
-            e = s._train.evidence
+            e = _joint(s)
             assert len(e.sketches) == e.count == 4
             assert report["evidence_null_sd"] == pytest.approx(null_sd(e) / 4) and null_sd(e) > 0
             power = report["evidence_power"] * 4
