@@ -421,7 +421,8 @@ def joint_evidence(evidence: Evidence, parts: list[int]) -> Evidence:
     if evidence.total is None or len(parts) == 1:
         return evidence
     c = len(parts) ** -0.5
-    return Evidence(evidence.total * c, evidence.count, evidence.sketches * c if evidence.sketches is not None else None)
+    sketches = evidence.sketches * c if evidence.sketches is not None else None
+    return Evidence(evidence.total * c, evidence.count, sketches)
 
 
 def null_sd(evidence: Evidence) -> float:
@@ -465,6 +466,24 @@ def part_evidence_scales(evidence: Evidence, parts: list[int], z: float = 0.0
         measured = agreement(part)
         out.append((evidence_scale(part, z, measured), measured))
     return out
+
+
+def gate_evidence(evidence: Evidence, parts: list[int], z: float = 0.0, gate: str = "joint"
+                  ) -> tuple[float, tuple[float, float], list[float], list[tuple[float, tuple[float, float]]]]:
+    """What opens a click's step and how it is shared among the LoRA's ``parts``
+    (``Settings.evidence_gate``): (the step's evidence factor, the agreement that set it, each part's
+    weight for ``evidence_step``, each part's own ``part_evidence_scales``). "joint" (several parts):
+    one test of all parts as one unit vector a click (``joint_evidence``), each part weighted by its
+    own James–Stein factor (z = 0) over the largest; "each": each part's own test at z, the part that
+    agrees most sizing the step. One part: its own test, either way."""
+    joint = gate == "joint" and len(parts) > 1
+    per_part = part_evidence_scales(evidence, parts, 0.0 if joint else z)
+    if joint:
+        agreed = agreement(whole := joint_evidence(evidence, parts))
+        scale, top = evidence_scale(whole, z, agreed), max(x for x, _ in per_part)
+        return scale, agreed, [x / top if scale > 0 and top > 0 else 0.0 for x, _ in per_part], per_part
+    scale, agreed = max(per_part, key=lambda part: part[0])
+    return scale, agreed, [x / scale if scale > 0 else 0.0 for x, _ in per_part], per_part
 
 
 @torch.no_grad()

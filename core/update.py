@@ -146,8 +146,7 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     Returns ``(metrics, gradient norm)``.
     """
     from .objectives import get_objective
-    from .trust_region import (Evidence, TrustRegion, add_click, agreement, evidence_scale, evidence_step,
-                               joint_evidence, part_evidence_scales, probe_steps, unit_gradient)
+    from .trust_region import Evidence, TrustRegion, add_click, evidence_step, gate_evidence, probe_steps, unit_gradient
     generator = torch.Generator("cpu").manual_seed(s.seed * 1_000_003 + update_index)
     with offload_for_update(pipe, device):   # text encoders and VAE off the accelerator meanwhile
         objective = get_objective(s.objective)
@@ -166,20 +165,12 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
     measured = s.step_rms is not None or s.drift_budget is not None
     seen = None
     if s.step_evidence:       # the step goes along the clicks' agreed direction, sized by the evidence
-        if len(s.resolved_parts) > 1:   # each part of a click's gradient a unit vector of its own
-            params, parts = group_by_targets(pipe.unet, params, s.resolved_parts)
+        if len(named := s.resolved_parts) > 1:   # each part of a click's gradient a unit vector of its own
+            params, parts = group_by_targets(pipe.unet, params, named)
         else:                 # the whole LoRA as one part
             parts = [sum(p.numel() for p in params)]
         seen = add_click(evidence if evidence is not None else Evidence(), unit_gradient(params, parts), parts)
-        joint = s.evidence_gate == "joint" and len(parts) > 1
-        per_part = part_evidence_scales(seen, parts, 0.0 if joint else s.evidence_z)
-        if joint:     # one test of all parts' agreement opens the step; each part's own factor weighs its share
-            agreed = agreement(whole := joint_evidence(seen, parts))
-            scale, top = evidence_scale(whole, s.evidence_z, agreed), max(x for x, _ in per_part)
-            weights = [x / top if scale > 0 and top > 0 else 0.0 for x, _ in per_part]
-        else:         # each part opens its own share; the part that agrees most sizes the step
-            scale, agreed = max(per_part, key=lambda part: part[0])
-            weights = [x / scale if scale > 0 else 0.0 for x, _ in per_part]
+        scale, agreed, weights, per_part = gate_evidence(seen, parts, s.evidence_z, s.evidence_gate)
         for i, (x, (power, sd)) in enumerate(per_part if len(parts) > 1 else ()):
             metrics[f"evidence_scale_{i}"] = x
             if seen.count:
