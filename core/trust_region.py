@@ -228,7 +228,7 @@ class TrustRegion:
         """``anchors``: earlier clicks' ``Anchor``s, whose drift the budget also bounds. ``seen``:
         the predictions the objective's passes already made with the weights as they are (see
         core/objectives.py), used instead of running them again when they cover every probe step."""
-        steps = probe_steps(len(trajectory.timesteps))
+        steps = probe_steps(len(trajectory.timesteps), s.step_probes)
         images = pair_slots(pairs, device)[0]
         seen = seen or {}
         outputs = (_reuse(seen.get("policy"), steps)

@@ -152,7 +152,7 @@ def train_step(pipe, traj: Trajectory, pairs, s, params, optimizer, *, device, u
         objective = get_objective(s.objective)
         total = len(pairs) + sum(len(p) for _, p in extra)
         # the objective's predictions at the trust region's probes, for it to reuse
-        passes: dict = {"steps": set(probe_steps(len(traj.timesteps)))}
+        passes: dict = {"steps": set(probe_steps(len(traj.timesteps), s.step_probes))}
         metrics = objective(pipe, traj, pairs, s, device=device, generator=generator, progress=progress,
                             weight=len(pairs) / total, seen=passes)
         for more, more_pairs in extra:
