@@ -86,7 +86,7 @@ def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu", target
     with tempfile.TemporaryDirectory() as folder, \
             Session.open(folder, model=model, pipeline=pipe, dtype=dtype, device=device, optimizer="adamw",
                          step_rms=rho, step_evidence=False, drift_budget=None, lora_targets=targets, **settings) as s:
-        steps = probe_steps(s.settings.steps)
+        steps = probe_steps(s.settings.steps, s.settings.step_probes)
 
         @torch.no_grad()
         def true_predictions(weights, trajectory):

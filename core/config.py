@@ -38,9 +38,11 @@ class Settings:
     logprob_grid: int = 1           # D3PO: score each step on its G×G block means, any latent size (0 = off; 1 = channel means)
     step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
     step_probes: int = 3            # trajectory steps of the click's own images at which the trust region measures (1: the middle step)
+    probe_images: int = 0           # the click's images measured at each of those steps, taken in turn (0 = every one at every step)
     drift_budget: float | None = 0.07  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
     anchor_clicks: int = 8          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
     anchor_probes: int = 1          # trajectory steps at which each of those winners' drift is measured (1: the middle step)
+    anchor_stride: int = 1          # a click checks every G-th of those winners, newest first, so each in turn every G clicks (1 = all)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     evidence_z: float = 2.0         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
     # step_evidence per part of the LoRA, each part's click gradients a unit vector of their own: "+"-joined
@@ -98,6 +100,10 @@ class Settings:
                "use 0 (James–Stein's threshold) or a number of null standard deviations such as 1")
         _check(self.step_probes >= 1, "step_probes", self.step_probes,
                "use 1 or more (the steps of the click's own trajectory the trust region measures)")
+        _check(self.probe_images >= 0, "probe_images", self.probe_images,
+               "use 0 (every image of the click at every probe step) or a number of images such as 1")
+        _check(self.anchor_stride >= 1, "anchor_stride", self.anchor_stride,
+               "use 1 (every earlier winner on every click) or a stride such as 2")
         _check(self.anchor_probes >= 1, "anchor_probes", self.anchor_probes,
                "use 1 or more (the steps of each earlier winner's trajectory the anchor measures)")
         _check(self.anchor_clicks >= 0, "anchor_clicks", self.anchor_clicks,
@@ -202,7 +208,8 @@ def parts_by_kind(targets) -> tuple[str, ...]:
 # default was () (the whole LoRA one part) where it is None (a part per kind of layer) since.
 ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None, "anchor_clicks": 0,
                "step_weight": "noise", "evidence_z": 0.0, "anchor_probes": 3, "evidence_parts": (),
-               "evidence_gate": "each", "step_probes": 3}
+               "evidence_gate": "each", "step_probes": 3,
+               "probe_images": 0, "anchor_stride": 1}
 # Settings that only change sampling, so a session may change them after its first update.
 SAMPLING_FIELDS = ("steps", "guidance", "eta", "height", "width")
 # Settings fixed once a LoRA exists (they define its shape or its optimizer).

@@ -59,16 +59,32 @@ def rms_change(before: list[torch.Tensor], after: list[torch.Tensor]) -> float:
     return (total / count) ** 0.5
 
 
+def probe_plan(steps: list[int], images: list[int], per_step: int = 0) -> list[tuple[int, list[int]]]:
+    """Which images are measured at which step: every image at every step (``per_step`` 0, or at
+    least as many as there are images), else ``per_step`` of them at each step, taken in turn
+    (``Settings.probe_images``), so that over the steps each image is measured about equally often."""
+    if per_step <= 0 or per_step >= len(images):
+        return [(k, list(images)) for k in steps]
+    return [(k, sorted(images[(j * per_step + i) % len(images)] for i in range(per_step)))
+            for j, k in enumerate(steps)]
+
+
 @torch.no_grad()
-def predictions(pipe, trajectory: Trajectory, steps: list[int], images: list[int], guidance: float,
-                device) -> list[torch.Tensor]:
-    """The model's guided outputs for ``images`` at the given trajectory steps, as it is now."""
+def plan_predictions(pipe, trajectory: Trajectory, plan: list[tuple[int, list[int]]], guidance: float,
+                     device) -> list[torch.Tensor]:
+    """The model's guided outputs, as it is now, for each (step, images) of ``plan``."""
     cond = {key: v.to(device) for key, v in trajectory.cond.items()}
     out = []
-    for k in steps:
+    for k, images in plan:
         x_t = trajectory.latents[k, images].to(device, torch.float32)
         out.append(predict_noise(pipe.unet, x_t, int(trajectory.timesteps[k]), cond, guidance).cpu())
     return out
+
+
+def predictions(pipe, trajectory: Trajectory, steps: list[int], images: list[int], guidance: float,
+                device) -> list[torch.Tensor]:
+    """The model's guided outputs for ``images`` at the given trajectory steps, as it is now."""
+    return plan_predictions(pipe, trajectory, [(k, images) for k in steps], guidance, device)
 
 
 PROBE_MARGIN = 5.0   # the change at the trust region's probe scale is at least this many rounding floors
@@ -193,11 +209,12 @@ def anchor_predictions(pipe, anchors: list[Anchor], guidance: float, device,
     return out
 
 
-def _reuse(seen: dict | None, steps: list[int]) -> list[torch.Tensor] | None:
-    """The predictions ``seen`` holds at every one of ``steps``, in order; None if any is missing."""
-    if not seen or any(k not in seen for k in steps):
+def _reuse(seen: dict | None, plan: list[tuple[int, list[int]]], images: list[int]) -> list[torch.Tensor] | None:
+    """The predictions ``seen`` holds (for ``images``, in order) at every (step, images) of ``plan``;
+    None if a step is missing."""
+    if not seen or any(k not in seen for k, _ in plan):
         return None
-    return [seen[k] for k in steps]
+    return [seen[k] if chosen == images else seen[k][[images.index(i) for i in chosen]] for k, chosen in plan]
 
 
 def move_weights(params, start: list[torch.Tensor], delta: list[torch.Tensor], scale: float) -> None:
@@ -213,8 +230,7 @@ class TrustRegion:
     weights: list[torch.Tensor]
     outputs: list[torch.Tensor]
     trajectory: Trajectory
-    steps: list[int]
-    images: list[int]
+    plan: list[tuple[int, list[int]]]    # (trajectory step, the click's images measured there)
     guidance: float
     device: torch.device
     base: list[torch.Tensor] | None = None
@@ -225,30 +241,32 @@ class TrustRegion:
     @classmethod
     def before_step(cls, pipe, trajectory: Trajectory, pairs, s, params, device, anchors=(),
                     seen: dict | None = None) -> "TrustRegion":
-        """``anchors``: earlier clicks' ``Anchor``s, whose drift the budget also bounds. ``seen``:
-        the predictions the objective's passes already made with the weights as they are (see
-        core/objectives.py), used instead of running them again when they cover every probe step."""
-        steps = probe_steps(len(trajectory.timesteps), s.step_probes)
+        """``anchors``: earlier clicks' ``Anchor``s, newest first, whose drift the budget also
+        bounds, every ``s.anchor_stride``-th of them on this click. ``seen``: the predictions the
+        objective's passes already made with the weights as they are (see core/objectives.py), used
+        instead of running them again when they cover every probe step. The click's images are
+        measured at ``s.step_probes`` steps, ``s.probe_images`` of them at each (``probe_plan``)."""
         images = pair_slots(pairs, device)[0]
+        plan = probe_plan(probe_steps(len(trajectory.timesteps), s.step_probes), images, s.probe_images)
         seen = seen or {}
-        outputs = (_reuse(seen.get("policy"), steps)
-                   or predictions(pipe, trajectory, steps, images, s.guidance, device))
-        anchors = tuple(anchors) if s.drift_budget is not None else ()
+        outputs = (_reuse(seen.get("policy"), plan, images)
+                   or plan_predictions(pipe, trajectory, plan, s.guidance, device))
+        anchors = tuple(anchors)[::s.anchor_stride] if s.drift_budget is not None else ()
         base = None
         if s.drift_budget is not None:
-            base = _reuse(seen.get("base"), steps)
+            base = _reuse(seen.get("base"), plan, images)
             if base is None:
                 with lora_disabled(pipe.unet):
-                    base = predictions(pipe, trajectory, steps, images, s.guidance, device)
+                    base = plan_predictions(pipe, trajectory, plan, s.guidance, device)
         earlier = anchor_predictions(pipe, list(anchors), s.guidance, device) if anchors else None
-        return cls([p.detach().clone() for p in params], outputs, trajectory, steps, images, s.guidance, device,
+        return cls([p.detach().clone() for p in params], outputs, trajectory, plan, s.guidance, device,
                    base, s.drift_budget, anchors, earlier)
 
     def _change(self, pipe, params, delta, scale: float) -> torch.Tensor:
         """The change of the predictions at the probes with the step scaled by ``scale``, flat."""
         move_weights(params, self.weights, delta, scale)
-        return flat_difference(predictions(pipe, self.trajectory, self.steps, self.images, self.guidance,
-                                           self.device), self.outputs)
+        return flat_difference(plan_predictions(pipe, self.trajectory, self.plan, self.guidance, self.device),
+                               self.outputs)
 
     @torch.no_grad()
     def rescale(self, pipe, params, target: float | None) -> dict[str, float]:
@@ -264,7 +282,7 @@ class TrustRegion:
         change is ``PROBE_MARGIN`` times that floor (``rounding_floor``). One probe forward per
         probe step, without a graph; two (at ±m) when the proposal's own change at s = 1 is
         below that margin too, so that neither measured point is rounding."""
-        after = predictions(pipe, self.trajectory, self.steps, self.images, self.guidance, self.device)
+        after = plan_predictions(pipe, self.trajectory, self.plan, self.guidance, self.device)
         raw = rms_change(self.outputs, after)
         delta = [p.detach() - p0 for p, p0 in zip(params, self.weights)]
         d1 = flat_difference(after, self.outputs)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from d3po_studio.core.lora import lora_disabled
-from d3po_studio.core.trust_region import anchored_scale, predictions, probe_steps, rms_change
+from d3po_studio.core.trust_region import anchored_scale, plan_predictions, predictions, probe_steps, rms_change
 
 
 def _t(*values):
@@ -173,12 +173,12 @@ def test_the_trust_region_reuses_the_objectives_passes_exactly(tmp_path, tiny_sd
     for name, objective in (("reused", real), ("run again", lambda *a, seen=None, **k: real(*a, **k))):
         calls = []
 
-        def counted(pipe, trajectory, steps, images, *a, **k):
-            if len(images) == 2:       # the click's own probes (an earlier winner is measured on its one image)
-                calls.append(steps)
-            return predictions(pipe, trajectory, steps, images, *a, **k)
+        def counted(pipe, trajectory, plan, *a, **k):
+            if len(plan[0][1]) == 2:   # the click's own probes (an earlier winner is measured on its one image)
+                calls.append(plan)
+            return plan_predictions(pipe, trajectory, plan, *a, **k)
         with mock.patch.dict(objectives.OBJECTIVES, {"d3po": objective}), \
-                mock.patch.object(trust_region, "predictions", counted), \
+                mock.patch.object(trust_region, "plan_predictions", counted), \
                 Session.open(tmp_path / name, model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype=dtype,
                              step_rms=0.01, drift_budget=0.05, backward=backward, evidence_z=0.0) as s:
             first = s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
@@ -207,3 +207,27 @@ def test_anchor_probes_sets_how_many_steps_of_each_earlier_winner_are_measured(t
         for seed in range(3):
             report = s.prefer(s.sample("a red circle", n=2, seed=seed), best=seed % 2)
         assert [a.steps for a in s._anchors.values()] == [[2], [2]] and "drift_rms_earlier" in report
+
+
+def test_anchor_stride_checks_every_gth_earlier_winner_newest_first(tmp_path, tiny_sd1):
+    """anchor_stride=G: a click measures every G-th of the last K winners, counting from the newest,
+    so as the window slides each winner is checked on every G-th click; 1 checks them all."""
+    from d3po_studio import Session
+    from d3po_studio.core import trust_region
+    seen = []
+    real = trust_region.anchor_predictions
+
+    def counted(pipe, anchors, *a, **k):
+        seen.append([id(anchor) for anchor in anchors])
+        return real(pipe, anchors, *a, **k)
+    from unittest import mock
+    with mock.patch.object(trust_region, "anchor_predictions", counted), \
+            Session.open(tmp_path / "s", model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype="float32",
+                         optimizer="adamw", step_rms=0.02, drift_budget=0.05, anchor_clicks=4, anchor_stride=2,
+                         step_evidence=False, logprob_grid=0) as s:
+        for seed in range(6):
+            seen.clear()
+            s.prefer(s.sample("a red circle", n=2, seed=seed), best=seed % 2)
+            window = [id(anchor) for anchor in s._anchors.values()]
+            if seed >= 1:         # the anchors the click handed the trust region: newest first, every other
+                assert seen and seen[0] == window[::2], (seed, seen, window)

@@ -190,25 +190,33 @@ def test_probe_steps_and_rms_change():
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_one_click_moves_the_predictions_by_step_rms(tmp_path, family):
+@pytest.mark.parametrize("probes, per_step", [(3, 0), (1, 0), (3, 1)])
+def test_one_click_moves_the_predictions_by_step_rms(tmp_path, family, probes, per_step):
+    """At the trust region's probes (``step_probes`` steps of the click's own trajectory,
+    ``probe_images`` of its images at each) the click moves the predictions by ρ."""
     from d3po_studio import Session
+    from d3po_studio.core.trust_region import probe_plan
     pipe = tiny_pipeline(family)
     rho = 0.01
     with Session.open(tmp_path / "s", model=f"tiny-{family}", pipeline=pipe, steps=6, dtype="float32",
-                      optimizer="adamw", step_rms=rho, step_evidence=False) as s:
+                      optimizer="adamw", step_rms=rho, step_evidence=False, step_probes=probes,
+                      probe_images=per_step) as s:
         for click in range(2):
             batch = s.sample("a red circle", n=2, seed=click)
             steps = list(range(6))
             before = predictions(s.pipe, batch.trajectory, steps, [0, 1], s.settings.guidance, "cpu")
             report = s.prefer(batch, best=1)
             after = predictions(s.pipe, batch.trajectory, steps, [0, 1], s.settings.guidance, "cpu")
-            probes = probe_steps(6)
-            moved = rms_change([before[k] for k in probes], [after[k] for k in probes])
+            plan = probe_plan(probe_steps(6, probes), [0, 1], per_step)
+            moved = rms_change([before[k][i] for k, i in plan], [after[k][i] for k, i in plan])
             # within 5%: the first, linear guess missed by up to 19% (the self-attention LoRA on the
             # SD1 shape: a LoRA's change is bilinear), the secant correction by at most 4.2%
             assert moved == pytest.approx(rho, rel=0.05), (click, moved, report)
-            # over every step of the trajectory, not only the probes: the same order of magnitude
-            assert 0.3 * rho < rms_change(before, after) < 3 * rho
+            whole = rms_change(before, after)
+            if probes == 3:      # over every step of the trajectory, not only the probes: the same order
+                assert 0.3 * rho < whole < 3 * rho
+            else:                # the middle step alone is the least moved: the trajectory moves further
+                assert whole > 1.2 * rho
 
 
 def test_quadratic_terms_and_scale_solve_the_bilinear_step():
@@ -281,6 +289,10 @@ def test_settings_validate_the_new_fields():
     assert Settings(step_rms=None).step_rms is None
     with pytest.raises(ConfigError, match="train_window"):
         Settings(train_window=0.0)
+    with pytest.raises(ConfigError, match="step_probes"):
+        Settings(step_probes=0)
+    assert probe_steps(10, 1) == [4] and probe_steps(6, 1) == [2]
+    assert Settings.stored({}).step_probes == 3     # a session stored before the setting measured at three
 
 
 def test_train_window_keeps_the_noisiest_steps_first():
@@ -386,3 +398,17 @@ def test_grid_logprob_is_the_density_of_the_block_means():
         Settings(logprob_grid=1, logprob_pool=4)
     with pytest.raises(ConfigError, match="logprob_grid"):
         Settings(logprob_grid=-1)
+
+
+def test_probe_plan_takes_the_images_in_turn():
+    from d3po_studio.core.trust_region import probe_plan
+    assert probe_plan([0, 4, 9], [0, 1, 2, 3]) == [(0, [0, 1, 2, 3]), (4, [0, 1, 2, 3]), (9, [0, 1, 2, 3])]
+    assert probe_plan([0, 4, 9], [0, 1, 2, 3], 2) == [(0, [0, 1]), (4, [2, 3]), (9, [0, 1])]
+    assert probe_plan([0, 4, 9], [0, 1, 2, 3], 1) == [(0, [0]), (4, [1]), (9, [2])]
+    assert probe_plan([0, 4, 9], [1, 3], 1) == [(0, [1]), (4, [3]), (9, [1])]
+    assert probe_plan([0, 4, 9], [1, 3], 2) == probe_plan([0, 4, 9], [1, 3], 5) == probe_plan([0, 4, 9], [1, 3])
+    with pytest.raises(ConfigError, match="probe_images"):
+        Settings(probe_images=-1)
+    with pytest.raises(ConfigError, match="anchor_stride"):
+        Settings(anchor_stride=0)
+    assert Settings.stored({}).probe_images == 0 and Settings.stored({}).anchor_stride == 1
