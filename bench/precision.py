@@ -77,7 +77,7 @@ def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu", target
     from ..core.config import Settings
     from ..core.lora import add_lora
     from ..core.session import Session
-    from ..core.trust_region import move_weights, predictions, probe_steps, rms_change
+    from ..core.trust_region import move_weights, plan_predictions, probe_plan, probe_steps, rms_change
 
     d = Settings()
     targets = tuple(targets or d.lora_targets)
@@ -86,12 +86,12 @@ def landing(pipe, ref, dtype: str, rho: float, clicks: int, device="cpu", target
     with tempfile.TemporaryDirectory() as folder, \
             Session.open(folder, model=model, pipeline=pipe, dtype=dtype, device=device, optimizer="adamw",
                          step_rms=rho, step_evidence=False, drift_budget=None, lora_targets=targets, **settings) as s:
-        steps = probe_steps(s.settings.steps, s.settings.step_probes)
+        plan = probe_plan(probe_steps(s.settings.steps, s.settings.step_probes), [0, 1], s.settings.probe_images)
 
         @torch.no_grad()
         def true_predictions(weights, trajectory):
             move_weights(ref_lora, weights, weights, 0.0)
-            return predictions(ref, trajectory, steps, [0, 1], s.settings.guidance, device)
+            return plan_predictions(ref, trajectory, plan, s.settings.guidance, device)
 
         for click in range(clicks):
             batch = s.sample(prompt, n=2, seed=click)

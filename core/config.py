@@ -38,11 +38,11 @@ class Settings:
     logprob_grid: int = 1           # D3PO: score each step on its G×G block means, any latent size (0 = off; 1 = channel means)
     step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
     step_probes: int = 3            # trajectory steps of the click's own images at which the trust region measures (1: the middle step)
-    probe_images: int = 0           # the click's images measured at each of those steps, taken in turn (0 = every one at every step)
+    probe_images: int = 1           # the click's images measured at each of those steps, taken in turn (0 = every one at every step)
     drift_budget: float | None = 0.07  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
     anchor_clicks: int = 8          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
     anchor_probes: int = 1          # trajectory steps at which each of those winners' drift is measured (1: the middle step)
-    anchor_stride: int = 1          # a click checks every G-th of those winners, newest first, so each in turn every G clicks (1 = all)
+    anchor_stride: int = 2          # a click checks every G-th of those winners, newest first, so each in turn every G clicks (1 = all)
     step_evidence: bool = True      # step along the clicks' agreed direction, sized by how much they agree (0 for random clicks)
     evidence_z: float = 2.0         # step_evidence: the agreement must pass k + z null sds of |Σu|² (0 = James–Stein's k)
     # step_evidence per part of the LoRA, each part's click gradients a unit vector of their own: "+"-joined
@@ -205,7 +205,9 @@ def parts_by_kind(targets) -> tuple[str, ...]:
 # so they need no entry here. anchor_probes came in the twenty-third session with 3 (every session
 # before probed its earlier winners at three steps) and became 1 in the same session. evidence_gate came
 # in the twenty-fifth session; evidence_parts before it opened each part on its own ("each"), and its
-# default was () (the whole LoRA one part) where it is None (a part per kind of layer) since.
+# default was () (the whole LoRA one part) where it is None (a part per kind of layer) since. step_probes,
+# probe_images and anchor_stride came in the twenty-sixth session; every session before measured its
+# own images at three steps each and every earlier winner on every click.
 ADDED_LATER = {"logprob_grid": 0, "step_evidence": False, "drift_budget": None, "anchor_clicks": 0,
                "step_weight": "noise", "evidence_z": 0.0, "anchor_probes": 3, "evidence_parts": (),
                "evidence_gate": "each", "step_probes": 3,

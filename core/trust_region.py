@@ -7,7 +7,8 @@ A learning rate means something different on every model (and Adam moves every L
     s = ρ / RMS(f_θ₁ − f_θ₀),
 
 the RMS taken over the model's (guided) outputs f on the images of this click at a few of its
-own trajectory steps ("probes"). ρ (``Settings.step_rms``) is in units of the noise prediction,
+own trajectory steps ("probes": ``Settings.step_probes`` steps, at each ``Settings.probe_images``
+of the images in turn, or all of them; ``probe_plan``). ρ (``Settings.step_rms``) is in units of the noise prediction,
 which has unit variance on every model, so one setting carries over from the embedded model to
 SD 1.5 and SDXL. A LoRA's change is bilinear in its factors, so the change is measured at one
 more scale (the first guess, or where it clears the weights' rounding floor in fp16 and bf16)
@@ -25,7 +26,8 @@ the last K trained clicks (their prompts and trajectories): the step is cut at t
 to reach the edge, so the budget bounds the drift on every recent prompt, not only on this one.
 Their base predictions never change, so each is measured once (``Anchor``), at
 ``Settings.anchor_probes`` of its steps; their probes run in batches, before the step and after
-it (not at all after it once the step is already cut to nothing).
+it (not at all after it once the step is already cut to nothing). With ``Settings.anchor_stride``
+= G a click checks every G-th of them, newest first, so each in turn on every G-th click.
 """
 from __future__ import annotations
 

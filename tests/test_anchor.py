@@ -163,7 +163,9 @@ def test_the_trust_region_reuses_the_objectives_passes_exactly(tmp_path, tiny_sd
     already made: a click that steps lands bit for bit where it lands when the trust region runs
     them itself, with two sets of probe forwards fewer; a click without evidence runs none. (The
     policy pass of the joint backward has a graph and checkpoints its activations; its forward is
-    still the same computation, also in bfloat16 on this CPU.)"""
+    still the same computation, also in bfloat16 on this CPU. With ``probe_images`` the trust region
+    takes its images out of the passes' batch, where run again it forwards them alone, a batch whose
+    rounding may differ: so every image here.)"""
     from unittest import mock
 
     from d3po_studio import Session
@@ -180,7 +182,8 @@ def test_the_trust_region_reuses_the_objectives_passes_exactly(tmp_path, tiny_sd
         with mock.patch.dict(objectives.OBJECTIVES, {"d3po": objective}), \
                 mock.patch.object(trust_region, "plan_predictions", counted), \
                 Session.open(tmp_path / name, model="tiny-sd1", pipeline=tiny_sd1, steps=4, dtype=dtype,
-                             step_rms=0.01, drift_budget=0.05, backward=backward, evidence_z=0.0) as s:
+                             step_rms=0.01, drift_budget=0.05, backward=backward, evidence_z=0.0,
+                             probe_images=0) as s:
             first = s.prefer(s.sample("a red circle", n=2, seed=0), best=1)
             assert first["evidence_scale"] == 0.0 and first["step_scale"] == 0.0 and calls == []
             u = s._train.evidence.total.clone()       # the same batch again, with evidence: it steps
