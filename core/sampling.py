@@ -69,8 +69,9 @@ def encode_conditioning(pipe, prompt: str, negative_prompt: str, height: int, wi
 
 
 def predict_noise(unet, x_t: torch.Tensor, t, cond: dict[str, torch.Tensor], guidance: float) -> torch.Tensor:
-    """The (guided) UNet prediction for a batch x_t; float32 out. Each tensor of ``cond`` has
-    batch 1 (one conditioning shared by the batch) or one row per image.
+    """The (guided) UNet prediction for a batch x_t; float32 out. ``t``: one timestep for the batch,
+    or a 1-D tensor of one per image. Each tensor of ``cond`` has batch 1 (one conditioning shared
+    by the batch) or one row per image.
 
     With guidance > 1 the batch is [unconditional; conditional] and
     ε̂ = ε_u + w · (ε_c − ε_u) (classifier-free guidance).
@@ -87,7 +88,10 @@ def predict_noise(unet, x_t: torch.Tensor, t, cond: dict[str, torch.Tensor], gui
         pooled = torch.cat([cond[k].expand(n, -1) for k in pooled_keys]).to(x_t.device, dtype)
         time_ids = torch.cat([cond["time_ids"].expand(n, -1)] * len(keys)).to(x_t.device, dtype)
         kwargs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
-    t_in = torch.as_tensor(int(t), device=x_t.device)
+    if isinstance(t, torch.Tensor) and t.ndim == 1:
+        t_in = torch.cat([t.to(x_t.device)] * len(keys))
+    else:
+        t_in = torch.as_tensor(int(t), device=x_t.device)
     out = unet(x_in, t_in, encoder_hidden_states=emb, return_dict=False, **kwargs)[0].float()
     if not use_cfg:
         return out

@@ -15,7 +15,8 @@ more scale (the first guess, or where it clears the weights' rounding floor in f
 and s solves the quadratic through both (``TrustRegion.rescale``); the update itself is unchanged.
 The predictions before the step (and the base's) are the ones the objective's own passes made at
 those steps (D3PO, guided as it samples: the default), so a click that steps adds one to three
-forwards without a graph per probe, after the step; a click without evidence adds none.
+measurements of its probes without a graph, after the step, each in forwards of up to
+``PROBE_BATCH`` images whatever their steps (``probe_predictions``); a click without evidence adds none.
 
 An anchor to the base (``Settings.drift_budget``): the same probes are also taken with the LoRA off,
 and the step is cut so that the predictions end no further than the budget B from the base's,
@@ -71,16 +72,48 @@ def probe_plan(steps: list[int], images: list[int], per_step: int = 0) -> list[t
             for j, k in enumerate(steps)]
 
 
+PROBE_BATCH = 4     # images per forward when probes are batched (bounds the forward's memory)
+
+
 @torch.no_grad()
+def probe_predictions(pipe, probes: list[tuple[Trajectory, int, list[int]]], guidance: float, device,
+                      batch: int = PROBE_BATCH) -> list[torch.Tensor]:
+    """The model's guided outputs, as it is now, at each probe (trajectory, step k, images), in
+    forwards of up to ``batch`` images of one latent size, each image with its own timestep and
+    prompt (a probe of more images than ``batch`` is a forward of its own). Fewer, fuller forwards:
+    on the embedded model three one-image probes at three steps take 0.12 s as one forward against
+    0.17 s as three, on this CPU, with the same numbers."""
+    out: list[torch.Tensor | None] = [None] * len(probes)
+    by_size: dict[tuple, list[int]] = {}
+    for i, (trajectory, _, _) in enumerate(probes):
+        by_size.setdefault(tuple(trajectory.latents.shape[2:]), []).append(i)
+    for indices in by_size.values():
+        chunks, count = [[]], 0
+        for i in indices:
+            n = len(probes[i][2])
+            if chunks[-1] and count + n > batch:
+                chunks.append([])
+                count = 0
+            chunks[-1].append(i)
+            count += n
+        for chunk in chunks:
+            xs, ts, conds = [], [], []
+            for i in chunk:
+                trajectory, k, images = probes[i]
+                xs.append(trajectory.latents[k, images])
+                ts.append(trajectory.timesteps[k].reshape(1).expand(len(images)))
+                conds.append({key: v.expand(len(images), *v.shape[1:]) for key, v in trajectory.cond.items()})
+            cond = {key: torch.cat([c[key] for c in conds]).to(device) for key in conds[0]}
+            eps = predict_noise(pipe.unet, torch.cat(xs).to(device, torch.float32), torch.cat(ts), cond, guidance).cpu()
+            for i, part in zip(chunk, eps.split([len(probes[i][2]) for i in chunk])):
+                out[i] = part
+    return out
+
+
 def plan_predictions(pipe, trajectory: Trajectory, plan: list[tuple[int, list[int]]], guidance: float,
                      device) -> list[torch.Tensor]:
     """The model's guided outputs, as it is now, for each (step, images) of ``plan``."""
-    cond = {key: v.to(device) for key, v in trajectory.cond.items()}
-    out = []
-    for k, images in plan:
-        x_t = trajectory.latents[k, images].to(device, torch.float32)
-        out.append(predict_noise(pipe.unet, x_t, int(trajectory.timesteps[k]), cond, guidance).cpu())
-    return out
+    return probe_predictions(pipe, [(trajectory, k, images) for k, images in plan], guidance, device)
 
 
 def predictions(pipe, trajectory: Trajectory, steps: list[int], images: list[int], guidance: float,
@@ -181,33 +214,16 @@ class Anchor:
         return cls(trajectory, list(images), steps, base)
 
 
-ANCHOR_BATCH = 4    # images per forward when the anchors' probes are batched (bounds its memory)
-
-
-@torch.no_grad()
 def anchor_predictions(pipe, anchors: list[Anchor], guidance: float, device,
-                       batch: int = ANCHOR_BATCH) -> list[list[torch.Tensor]]:
+                       batch: int = PROBE_BATCH) -> list[list[torch.Tensor]]:
     """The model's guided outputs at every anchor's probes, as it is now (per anchor, per probe:
-    what ``predictions`` gives), computed in forwards of up to ``batch`` images that share a
-    timestep and a size, each image with its own prompt."""
-    groups: dict[tuple, list[tuple[int, int]]] = {}
-    for a, anchor in enumerate(anchors):
-        for j, k in enumerate(anchor.steps):
-            key = (int(anchor.trajectory.timesteps[k]), tuple(anchor.trajectory.latents.shape[2:]))
-            groups.setdefault(key, []).append((a, j))
-    out: list[list[torch.Tensor | None]] = [[None] * len(anchor.steps) for anchor in anchors]
-    for (t, _), probes in groups.items():
-        for start in range(0, len(probes), batch):
-            chunk = probes[start:start + batch]
-            xs, conds = [], []
-            for a, j in chunk:
-                anchor = anchors[a]
-                xs.append(anchor.trajectory.latents[anchor.steps[j], anchor.images])
-                conds.append({key: v.expand(len(anchor.images), *v.shape[1:]) for key, v in anchor.trajectory.cond.items()})
-            cond = {key: torch.cat([c[key] for c in conds]).to(device) for key in conds[0]}
-            eps = predict_noise(pipe.unet, torch.cat(xs).to(device, torch.float32), t, cond, guidance).cpu()
-            for (a, j), part in zip(chunk, eps.split([len(anchors[a].images) for a, _ in chunk])):
-                out[a][j] = part
+    what ``predictions`` gives), computed in forwards of up to ``batch`` images (``probe_predictions``)."""
+    flat = probe_predictions(pipe, [(a.trajectory, k, a.images) for a in anchors for k in a.steps], guidance,
+                             device, batch)
+    out, start = [], 0
+    for anchor in anchors:
+        out.append(flat[start:start + len(anchor.steps)])
+        start += len(anchor.steps)
     return out
 
 

@@ -113,17 +113,26 @@ def test_anchor_clicks_bound_the_earlier_prompts_too(tmp_path, family):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-def test_batched_anchor_probes_are_the_per_anchor_predictions(family):
-    """The earlier clicks' probes run in batches of images from different prompts (and, on SDXL,
-    their own pooled embeddings and size ids): each must get what it gets alone."""
-    from d3po_studio.core.sampling import sample_trajectory
+def test_batched_probes_are_each_probe_forwarded_alone(family):
+    """Probes run in batches of images from different prompts, steps (timesteps) and, on SDXL,
+    their own pooled embeddings and size ids: the earlier clicks' probes, and a click's own probes at
+    its steps. Each must get what it gets forwarded alone."""
+    from d3po_studio.core.sampling import predict_noise, sample_trajectory
     from d3po_studio.core.tiny import tiny_pipeline
-    from d3po_studio.core.trust_region import Anchor, anchor_predictions
+    from d3po_studio.core.trust_region import Anchor, anchor_predictions, probe_plan
     pipe = tiny_pipeline(family)            # (no LoRA: the base is not needed here)
     torch.manual_seed(0)
     for module in pipe.unet.modules():           # a non-zero model, so that every input matters
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
             torch.nn.init.normal_(module.weight, std=0.05)
+
+    def alone(trajectory, k, images):
+        return torch.cat([predict_noise(pipe.unet, trajectory.latents[k, [i]].float(), int(trajectory.timesteps[k]),
+                                        trajectory.cond, 3.0) for i in images])
+
+    # float32 sums in another order: up to 1.4e-5 apart on values of ~2 on some CPUs' kernels
+    def same(a, b):
+        return a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=5e-5)
     anchors = []
     for seed, (prompt, size) in enumerate([("a red circle", 16), ("a blue square", 16), ("green", 24)] * 2):
         traj = sample_trajectory(pipe, prompt, "", 2, seed, steps=4, guidance=3.0, eta=1.0, height=size,
@@ -131,11 +140,14 @@ def test_batched_anchor_probes_are_the_per_anchor_predictions(family):
         anchors.append(Anchor(traj, [seed % 2], probe_steps(4), []))
     batched = anchor_predictions(pipe, anchors, 3.0, "cpu", batch=4)
     for anchor, got in zip(anchors, batched):
-        alone = predictions(pipe, anchor.trajectory, anchor.steps, anchor.images, 3.0, "cpu")
-        assert len(got) == len(alone) and all(g.shape == a.shape for g, a in zip(got, alone))
-        # float32 sums in another order: up to 1.4e-5 apart on values of ~2 on some CPUs' kernels
-        assert all(torch.allclose(g, a, rtol=1e-5, atol=5e-5) for g, a in zip(got, alone))
+        assert len(got) == len(anchor.steps)
+        assert all(same(g, alone(anchor.trajectory, k, anchor.images)) for g, k in zip(got, anchor.steps))
     assert not torch.allclose(batched[0][1], batched[1][1], atol=1e-3)    # the prompts do differ
+    traj = anchors[0].trajectory
+    for plan in (probe_plan(probe_steps(4), [0, 1], 1), probe_plan(probe_steps(4), [0, 1])):
+        got = plan_predictions(pipe, traj, plan, 3.0, "cpu")
+        assert len(got) == len(plan) and all(same(g, alone(traj, k, images)) for g, (k, images) in zip(got, plan))
+    assert not torch.allclose(got[0], got[1], atol=1e-3)                  # the steps do differ
 
 
 def test_each_earlier_click_is_measured_once(tmp_path, tiny_sd1, monkeypatch):
