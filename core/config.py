@@ -39,6 +39,7 @@ class Settings:
     step_rms: float | None = 0.02   # trust region: RMS change of the model's predictions per click; None = plain optimizer step
     step_probes: int = 3            # trajectory steps of the click's own images at which the trust region measures (1: the middle step)
     probe_images: int = 1           # the click's images measured at each of those steps, taken in turn (0 = every one at every step)
+    probe_both_sides: bool = False  # in fp16/bf16: measure the step's change at ±m when rounding pushes m past the first guess (docs/algorithm.md)
     drift_budget: float | None = 0.07  # anchor: most RMS change of the predictions from the base (LoRA off) on a click's trajectory; None = off
     anchor_clicks: int = 8          # the anchor also bounds the drift on each of the last K trained clicks' winners (0 = the click's own images only)
     anchor_probes: int = 1          # trajectory steps at which each of those winners' drift is measured (1: the middle step)

@@ -412,3 +412,44 @@ def test_probe_plan_takes_the_images_in_turn():
     with pytest.raises(ConfigError, match="anchor_stride"):
         Settings(anchor_stride=0)
     assert Settings.stored({}).probe_images == 0 and Settings.stored({}).anchor_stride == 1
+
+
+def test_evidence_steps_in_bfloat16_land_near_step_rms_when_probed_on_both_sides(tmp_path):
+    """The default's steps go along the clicks' agreed direction (``step_evidence``). In bf16 the
+    rounding floor pushes the trust region's second point out to m ≈ 0.3–0.7, where the change
+    curves away from its slope at the step: measured from m and 1, the embedded model's clicks moved
+    0.29–0.46 ρ once the LoRA had moved (docs/algorithm.md). ``probe_both_sides`` measures at ±m,
+    where the LoRA's s² term cancels: each stepping click's true change (its LoRA before and after,
+    on a float32 copy of the model) is then its target ρ × evidence within a third."""
+    import random
+
+    import numpy as np
+
+    from d3po_studio import Session
+    from d3po_studio.core.embedded.world import random_prompt
+    from d3po_studio.core.loading import load_pipeline
+    from d3po_studio.core.oracles import get_oracle
+    from d3po_studio.core.trust_region import move_weights, plan_predictions, probe_plan, rms_change
+    d = Settings()
+    ref = load_pipeline("embedded")
+    ref_lora = add_lora(ref.unet, d.lora_rank, d.lora_alpha, d.lora_targets)
+    chooser, rng, landed = get_oracle("warmer"), random.Random(0), []
+    with Session.open(tmp_path / "s", model="embedded", pipeline=load_pipeline("embedded").to("cpu", torch.bfloat16),
+                      dtype="bfloat16", drift_budget=None, evidence_z=0.0, probe_both_sides=True) as s:
+        for _ in range(9):
+            prompt, seed = random_prompt(rng), rng.randrange(10 ** 6)
+            batch = s.sample(prompt, n=4, seed=seed)
+            before = [p.detach().float().clone() for p in s.params]
+            report = s.prefer(batch, best=int(np.argmax(chooser(batch.images, prompt))))
+            if report["step_scale"] == 0:
+                continue
+            plan = probe_plan(probe_steps(len(batch.trajectory.timesteps)), [0, 1, 2, 3])
+            true = []
+            for weights in (before, [p.detach().float() for p in s.params]):
+                with torch.no_grad():
+                    move_weights(ref_lora, weights, weights, 0.0)
+                true.append(plan_predictions(ref, batch.trajectory, plan, s.settings.guidance, "cpu"))
+            landed.append((rms_change(*true) / (s.settings.step_rms * report["evidence_scale"]), report))
+    probed_out = [(ratio, r) for ratio, r in landed if r.get("step_probe", 0) > 0.2]   # where rounding set m
+    assert len(probed_out) >= 2, landed
+    assert all(ratio == pytest.approx(1.0, rel=0.33) for ratio, _ in probed_out), [x for x, _ in landed]
